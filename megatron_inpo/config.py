@@ -1,0 +1,130 @@
+"""Helpers for the dataclass configs of every concern (model, parallel, rollout, judge, algorithm, train, ...).
+
+Each concern defines its own `@dataclass` with a docstring under every field and a `validate()` that raises
+`ConfigError` naming the field. These helpers turn configs into dicts / YAML and apply `a.b=value` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+import yaml
+
+from megatron_inpo.files import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field (dotted path) and the offending value."""
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{where}: cannot read {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return type(value)(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)) if origin is list else tuple(
+            _coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)
+        )
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return dataclasses.replace(cls(), **kwargs) if _has_defaults(cls) else cls(**kwargs)
+
+
+def _has_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    )
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Return a copy of `cfg` with `a.b=value` overrides applied (values parsed as YAML scalars)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"override {item!r}: no config section {p!r}")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: no config field {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return from_dict(type(cfg), data)
+
+
+def validate_all(cfg: Any, where: str = "") -> None:
+    """Call validate() on `cfg` and every nested dataclass that defines one."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate_all(v, f"{where}{f.name}.")
+    if hasattr(cfg, "validate"):
+        cfg.validate()

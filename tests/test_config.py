@@ -1,0 +1,56 @@
+"""Config helpers: dict/YAML round trip, overrides, and errors that name the field."""
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from megatron_inpo.config import ConfigError, apply_overrides, from_dict, save_yaml, to_dict, validate_all
+from megatron_inpo.objectives import ObjectiveConfig
+
+
+@dataclass
+class Inner:
+    k: int = 8
+    """samples per prompt"""
+    name: str | None = None
+    """optional name"""
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    """nested section"""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """the loss"""
+    lr: float = 1e-3
+    """learning rate"""
+    flags: list[int] = field(default_factory=list)
+    """a list"""
+
+
+def test_round_trip_yaml(tmp_path):
+    cfg = Outer(inner=Inner(k=4, name="x"), lr=0.5, flags=[1, 2])
+    save_yaml(cfg, tmp_path / "c.yaml")
+    back = from_dict(Outer, yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert back == cfg and to_dict(back)["inner"]["k"] == 4
+
+
+def test_overrides_parse_types_and_name_errors():
+    cfg = apply_overrides(Outer(), ["inner.k=16", "--objective.name=dpo", "lr=2e-5", "flags=[3,4]"])
+    assert cfg.inner.k == 16 and cfg.objective.name == "dpo" and cfg.lr == 2e-5 and cfg.flags == [3, 4]
+    with pytest.raises(ConfigError, match="no config field 'inner.kk'"):
+        apply_overrides(Outer(), ["inner.kk=1"])
+    with pytest.raises(ConfigError, match="no config section 'nope'"):
+        apply_overrides(Outer(), ["nope.x=1"])
+    with pytest.raises(ConfigError, match="inner.k: expected int, got 'many'"):
+        apply_overrides(Outer(), ["inner.k=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(Outer(), ["lr"])
+
+
+def test_unknown_keys_and_validation_are_named():
+    with pytest.raises(ConfigError, match=r"inner: unknown field\(s\) \['z'\]"):
+        from_dict(Outer, {"inner": {"z": 1}})
+    cfg = apply_overrides(Outer(), ["objective.tau=0.01", "objective.eta=0.005"])
+    with pytest.raises(ConfigError, match="objective.tau"):
+        validate_all(cfg)
