@@ -109,3 +109,69 @@ def read_preferences(path: str | os.PathLike, require_logps: bool = False) -> li
             raise DataError(f"{path}:{lineno}: log-prob columns missing; run the log-prob pass first")
         pairs.append(pair)
     return pairs
+
+
+# --- resumable appends (rollout/judge stage) -----------------------------------------------------------------------
+# The stage appends one prompt batch at a time with a single write + fsync. A crash can only tear the LAST line
+# (a partial write), which repair_torn_tail() removes before a resumed run reads the done set and appends again.
+
+def repair_torn_tail(path: str | os.PathLike) -> int:
+    """Drop a torn (partial, unparseable) last line left by a crash; return the number of bytes removed.
+
+    A complete JSON object that only lost its newline is kept (the newline is restored). Damage anywhere but the
+    last line is not a crash artefact and is left for iter_jsonl to report with its line number.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        try:
+            ok = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            f.write(b"\n")
+            removed = 0
+        else:
+            f.truncate(start)
+            removed = len(tail)
+        f.flush()
+        os.fsync(f.fileno())
+    return removed
+
+
+def append_jsonl(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append JSON lines with one O_APPEND write and an fsync, so a batch is on disk before the next starts."""
+    if not lines:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (signals, quotas): finish the batch
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_done_ids(path: str | os.PathLike, key: str = "prompt_id") -> set[str]:
+    """Ids (field `key`) of every record in a JSONL file, after repairing a torn tail; empty if no file."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    repair_torn_tail(path)
+    done = set()
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or key not in obj:
+            raise DataError(f"{path}:{lineno}: record without field {key!r}")
+        done.add(str(obj[key]))
+    return done

@@ -1,0 +1,106 @@
+"""Bradley-Terry reward models: in-process (transformers *ForSequenceClassification) or SGLang /classify."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from megatron_inpo.judge.base import JudgeConfig, RewardJudge
+from megatron_inpo.judge.pairwise import render_judge_input
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _RMJudge(RewardJudge):
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def render(self, prompt: str, response: str) -> list[int]:
+        """The (prompt, response) conversation under the RM's chat template, truncated from the left."""
+        ids = render_judge_input(self.tokenizer, [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": response}], False)
+        return ids[-self.max_length:]
+
+
+class LocalRewardJudge(_RMJudge):
+    """Reward = the sequence-classification head (num_labels=1) at the last token, batched with left padding."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, device: str = "cpu",
+                 max_length: int = 4096, name: str = "bt-rm") -> None:
+        super().__init__(tokenizer, max_length)
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.name = name
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad or 0)
+
+    @torch.inference_mode()
+    def _score(self, items: list[tuple[str, str]], ids: Any) -> Sequence[float]:
+        seqs = [self.render(p, r) for p, r in items]
+        out: list[float] = []
+        head = getattr(self.model, "score", None)
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s:s + self.batch_size]
+            L = max(len(x) for x in chunk)
+            x = torch.full((len(chunk), L), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for r, seq in enumerate(chunk):
+                x[r, L - len(seq):] = torch.tensor(seq)
+                mask[r, L - len(seq):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            x, mask, pos = x.to(self.device), mask.to(self.device), pos.to(self.device)
+            if head is not None:
+                # pool the last position ourselves: the model's own pooling looks for the last non-pad id and
+                # would be fooled by a response that contains the pad id
+                h = self.model.base_model(input_ids=x, attention_mask=mask, position_ids=pos).last_hidden_state
+                r = head(h[:, -1, :])[:, 0]
+            else:
+                r = self.model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, 0]
+            out += r.float().tolist()
+        return out
+
+
+class SGLangRewardJudge(_RMJudge):
+    """Reward from an SGLang --is-embedding server: POST /classify, reward = embedding[0]."""
+
+    def __init__(self, pool: Any, tokenizer: Any, batch_size: int = 16, max_length: int = 4096,
+                 name: str = "bt-rm-sglang") -> None:
+        super().__init__(tokenizer, max_length)
+        self.pool = pool
+        self.batch_size = batch_size
+        self.name = name
+
+    def _score(self, items: list[tuple[str, str]], ids: Any) -> Sequence[float]:
+        seqs = [self.render(p, r) for p, r in items]
+        chunks = [seqs[s:s + self.batch_size] for s in range(0, len(seqs), self.batch_size)]
+
+        def validate(reply: Any, k: int) -> None:
+            got = reply if isinstance(reply, list) else [reply]
+            if len(got) != len(chunks[k]):
+                raise ValueError(f"{len(got)} rewards for {len(chunks[k])} inputs")
+            for g in got:
+                float(g["embedding"][0])
+
+        out: list[float] = []
+        for reply in self.pool.map("/classify", [{"input_ids": c} for c in chunks], validate):
+            out += [float(g["embedding"][0]) for g in (reply if isinstance(reply, list) else [reply])]
+        return out
+
+
+def make_reward_judge(cfg: JudgeConfig) -> RewardJudge:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_path)
+    if cfg.backend == "local":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=_DTYPES[cfg.dtype])
+        return LocalRewardJudge(model.to(cfg.device), tok, cfg.batch_size, cfg.device, cfg.max_length,
+                                name=f"bt-rm:{cfg.model_path}")
+    from megatron_inpo.rollout.sglang import SGLangPool
+
+    return SGLangRewardJudge(SGLangPool.from_config(cfg), tok, cfg.batch_size, cfg.max_length,
+                             name=f"bt-rm-sglang:{cfg.model_path}")
