@@ -1,0 +1,283 @@
+"""RunConfig: everything one `megatron-inpo run` needs, as nested dataclasses (one per concern).
+
+Every field has a docstring; `RunConfig.validate()` (via megatron_inpo.config.validate_all) raises ConfigError
+naming the field. Recipes (driver/recipes.py) are functions returning a RunConfig; `--key=value` overrides and
+YAML files go through megatron_inpo.config.apply_overrides / from_dict. The resolved config is saved as
+`<run_dir>/config.yaml` and a resumed run must match it (driver/manifest.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_inpo.config import ConfigError
+from megatron_inpo.judge.base import JudgeConfig
+from megatron_inpo.objectives import ObjectiveConfig
+from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
+from megatron_inpo.task.synthetic import TaskConfig
+
+AUTO = "auto"
+
+
+@dataclass
+class ModelConfig:
+    """Where pi_ref (the SFT policy, also pi_1) comes from."""
+
+    source: str = "synthetic"
+    """'synthetic': build the synthetic task and make pi_ref by a short SFT of a random tiny Llama on it;
+    'hf': start from an SFT Hugging Face checkpoint (hf_path), e.g. RLHFlow/LLaMA3-SFT."""
+    hf_path: str = ""
+    """HF directory of the SFT model (source 'hf'): config.json, safetensors, tokenizer files."""
+    export_dtype: str = "bfloat16"
+    """dtype of the HF export of each pi_t that the rollout engine loads ('bfloat16', 'float32', 'float16')."""
+
+    def validate(self) -> None:
+        if self.source not in ("synthetic", "hf"):
+            raise ConfigError(f"model.source: must be 'synthetic' or 'hf', got {self.source!r}")
+        if self.source == "hf" and not self.hf_path:
+            raise ConfigError("model.hf_path: source 'hf' needs the SFT model's HF directory")
+        if self.export_dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(f"model.export_dtype: bfloat16, float32 or float16, got {self.export_dtype!r}")
+
+
+@dataclass
+class SFTConfig:
+    """The short SFT that makes pi_ref on the synthetic task (source 'synthetic' only)."""
+
+    lr: float = 3e-3
+    """Peak learning rate (cosine, warm-up 3%)."""
+    epochs: int = 3
+    """Passes over the SFT data."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"sft.lr: must be > 0, got {self.lr}")
+        if self.epochs < 1 or self.global_batch_size < 1:
+            raise ConfigError("sft.epochs and sft.global_batch_size must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """How the Megatron stages (convert, log-probs, train) are launched; Megatron's names for the sizes."""
+
+    tensor_model_parallel_size: int = 1
+    """TP size of training and the log-prob pass."""
+    pipeline_model_parallel_size: int = 1
+    """PP size of training and the log-prob pass."""
+    nproc_per_node: int = 1
+    """Processes (GPUs) per node for the Megatron stages; data-parallel size = world / (TP x PP)."""
+    nnodes: int = 1
+    """Nodes of the Megatron stages (multi-node needs `launcher` with a rendezvous, see launch/)."""
+    master_port: int = 29700
+    """torchrun --master-port of single-node launches."""
+    launcher: str = AUTO
+    """'auto': `python -m megatron_inpo` for one process, `torchrun --standalone` for one node; otherwise a command
+    prefix put before `-m megatron_inpo ...`, e.g. 'srun --ntasks-per-node=1 torchrun --nnodes 4
+    --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29700' (launch/slurm_inpo.sbatch)."""
+
+    def validate(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "nproc_per_node", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        world = self.nproc_per_node * self.nnodes
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world % mp:
+            raise ConfigError(f"parallel: TP x PP = {mp} does not divide the world size nproc_per_node x nnodes = "
+                              f"{world}")
+        if not 1024 <= self.master_port <= 65535:
+            raise ConfigError(f"parallel.master_port: must be a port number, got {self.master_port}")
+        if self.nnodes > 1 and self.launcher == AUTO:
+            raise ConfigError("parallel.launcher: nnodes > 1 needs an explicit launcher prefix (srun + torchrun "
+                              "rendezvous; see launch/slurm_inpo.sbatch)")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The preference-optimisation algorithm compared in the paper."""
+
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Loss: inpo (default), inpo_nokl (the w/o-KL ablation), dpo (iterative DPO), ipo, sppo."""
+    selection: str = AUTO
+    """How K responses become a pair: 'auto' (all_pairs for sppo, else tournament for pairwise judges and
+    best_worst for reward models), 'tournament', 'best_worst' or 'all_pairs'."""
+
+    def validate(self) -> None:
+        if self.selection not in (AUTO, "tournament", "best_worst", "all_pairs"):
+            raise ConfigError(f"algorithm.selection: auto, tournament, best_worst or all_pairs, got {self.selection!r}")
+        if self.objective.name == "sppo" and self.selection not in (AUTO, "all_pairs"):
+            raise ConfigError("algorithm.selection: sppo needs win rates from 'all_pairs' (or 'auto')")
+
+    def resolved_selection(self, judge_kind: str) -> str:
+        if self.selection != AUTO:
+            return self.selection
+        if self.objective.name == "sppo":
+            return "all_pairs"
+        return "best_worst" if judge_kind == "reward" else "tournament"
+
+
+@dataclass
+class TrainConfig:
+    """The policy update of each iteration (fields map onto megatron_inpo.engine.train.TrainConfig)."""
+
+    lr: float = 5e-7
+    """Peak learning rate (paper: 5e-7 for 8B)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_ratio: float = 0.03
+    """Linear warm-up share of the steps (paper: 0.03)."""
+    lr_decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant'."""
+    global_batch_size: int = 128
+    """Pairs per optimizer step (paper: 128)."""
+    micro_batch_size: int = 1
+    """Pairs per micro-batch per data-parallel rank."""
+    epochs: int = 1
+    """Passes over each iteration's pairs (paper: 1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    max_seq_len: int = 4096
+    """Longest prompt + response; longer pairs are an error naming the line."""
+    precision: str = AUTO
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    layer_spec: str = AUTO
+    """'auto' (Transformer Engine when it imports), 'te' or 'local'."""
+    fp8: str = ""
+    """'' (off), 'hybrid' or 'e4m3' (TE FP8, GPU only)."""
+    use_distributed_optimizer: bool = False
+    """Megatron's distributed optimizer (shards Adam state over data-parallel ranks)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (TP > 1)."""
+    recompute_activations: bool = False
+    """Full activation recomputation (70B)."""
+    save_interval: int = 0
+    """Checkpoint every this many steps inside a training stage (0: only at the end); a killed stage resumes
+    from the newest one."""
+    logprob_micro_batch_size: int = 4
+    """Pairs per micro-batch of the forward-only log-prob pass."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr: must lie in [0, lr], got {self.min_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.lr_decay_style: cosine, linear or constant, got {self.lr_decay_style!r}")
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "max_seq_len", "logprob_micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size {self.micro_batch_size}")
+        if self.save_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("train.save_interval, clip_grad and weight_decay must be >= 0")
+        if self.precision not in (AUTO, "bf16", "fp32"):
+            raise ConfigError(f"train.precision: auto, bf16 or fp32, got {self.precision!r}")
+        if self.layer_spec not in (AUTO, "te", "local"):
+            raise ConfigError(f"train.layer_spec: auto, te or local, got {self.layer_spec!r}")
+        if self.fp8 not in ("", "hybrid", "e4m3"):
+            raise ConfigError(f"train.fp8: '', 'hybrid' or 'e4m3', got {self.fp8!r}")
+
+
+@dataclass
+class EvalConfig:
+    """The per-iteration win rate of pi_t against pi_ref on held-out prompts (the run's table)."""
+
+    enabled: bool = True
+    """Evaluate every iterate; the final table needs it."""
+    prompts: str = AUTO
+    """Held-out prompt JSONL; 'auto' = the synthetic task's eval prompts."""
+    num_prompts: int = 0
+    """Use the first N prompts (0: all)."""
+    samples_per_prompt: int = 1
+    """Responses per prompt and policy (each one judged against the other policy's response of the same index)."""
+    judge: JudgeConfig | None = None
+    """Judge of the evaluation; None = the training judge (for the paper's setting use a different one)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=1, temperature=1.0,
+                                                                             max_new_tokens=256, seed=4242))
+    """Sampling of the evaluated policies (n is replaced by samples_per_prompt)."""
+
+    def validate(self) -> None:
+        if self.num_prompts < 0 or self.samples_per_prompt < 1:
+            raise ConfigError("eval.num_prompts must be >= 0 and eval.samples_per_prompt >= 1")
+        if self.sampling.seed is None:
+            raise ConfigError("eval.sampling.seed: the evaluation must be seeded (reproducible, resumable)")
+
+
+@dataclass
+class RunConfig:
+    """One INPO run: T iterations of export -> rollout -> judge -> log-probs -> train -> checkpoint."""
+
+    run_dir: str = "runs/inpo"
+    """Output directory: manifest.json, config.yaml, iter_XX/ stage outputs, tensorboard/, results."""
+    seed: int = 1234
+    """Seed of training data order, Megatron RNG and (via rollout.sampling.seed) sampling."""
+    iterations: int = 3
+    """T, the number of INPO iterations (paper: 3)."""
+    engine: str = "megatron"
+    """'megatron': Megatron-Core stages as subprocesses (convert, logprobs, train); 'torch': the in-process
+    transformers reference stages (CPU demo / fallback; driver/torch_stages.py); 'auto': megatron when
+    megatron-core, the engine and the converter are installed, else torch (the choice is recorded in the
+    manifest at the first start, so a resumed run never switches engines)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt JSONL of each iteration (one per iteration, a fresh set each, as in the paper); empty with model
+    source 'synthetic' = the task's generated prompt sets."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The synthetic task (model.source 'synthetic')."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """pi_ref."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT that creates pi_ref on the synthetic task."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Launch and parallelism of the Megatron stages."""
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(model_path=AUTO))
+    """Sampling K responses per prompt from pi_t (model_path 'auto' = the driver's export of pi_t)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The preference oracle of training."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Objective and pair selection."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Policy update."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Win rate against pi_ref per iteration."""
+    rollout_batch_size: int = 64
+    """Prompts per generate -> judge -> append step of the rollout stage (its unit of resumption)."""
+    stage_timeout_s: float = 0.0
+    """Kill a Megatron stage subprocess running longer than this (0: no limit)."""
+    server_memory_saver: bool = False
+    """SGLang servers share GPUs with training: before every Megatron stage the driver asks each server to release
+    its GPU memory (/release_memory_occupation: weights + KV cache of policy servers, KV cache of judge servers)
+    and resumes it before rollout / judging; the policy servers then reload pi_t from disk anyway. Needs servers
+    started with --enable-memory-saver (launch/torchrun_inpo.sh)."""
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"iterations: must be >= 1, got {self.iterations}")
+        if not self.run_dir:
+            raise ConfigError("run_dir: required")
+        if self.engine not in ("megatron", "torch", AUTO):
+            raise ConfigError(f"engine: must be 'megatron', 'torch' or 'auto', got {self.engine!r}")
+        if self.model.source == "hf":
+            if len(self.prompts) != self.iterations:
+                raise ConfigError(f"prompts: need one prompt file per iteration ({self.iterations}), got "
+                                  f"{len(self.prompts)}")
+            if self.eval.enabled and self.eval.prompts == AUTO:
+                raise ConfigError("eval.prompts: model.source 'hf' needs a held-out prompt file (or eval.enabled=false)")
+        elif self.prompts:
+            raise ConfigError("prompts: the synthetic task generates its prompts; leave prompts empty")
+        sel = self.algorithm.resolved_selection(self.judge.kind)
+        k = self.rollout.sampling.n
+        if sel == "tournament" and (k < 2 or k & (k - 1)):
+            raise ConfigError(f"rollout.sampling.n: the tournament needs K a power of two >= 2, got {k}")
+        if sel in ("best_worst",) and self.judge.kind != "reward" and self.judge.kind != "programmatic":
+            raise ConfigError("algorithm.selection: best_worst needs a reward judge (judge.kind 'reward')")
+        if self.rollout_batch_size < 1:
+            raise ConfigError(f"rollout_batch_size: must be >= 1, got {self.rollout_batch_size}")
+        if self.stage_timeout_s < 0:
+            raise ConfigError(f"stage_timeout_s: must be >= 0, got {self.stage_timeout_s}")
+        if self.engine == "torch" and self.parallel.nproc_per_node * self.parallel.nnodes > 1:
+            raise ConfigError("engine: 'torch' runs in one process; set parallel.nproc_per_node=1 or engine=megatron")

@@ -1,0 +1,301 @@
+"""Megatron checkpoints: megatron.core.dist_checkpointing (torch_dist) save / load, atomic, reshardable.
+
+Layout (the project's checkpoint convention, shared with the converter):
+
+    <root>/step_00000012/          one checkpoint; the directory itself is the dist-checkpoint
+        metadata.json, *.distcp, common.pt, ...   dist_checkpointing files; top-level keys:
+            "model"      model.sharded_state_dict()   (the only key in a converter output)
+            "optimizer"  optimizer.sharded_state_dict(model)     (training checkpoints)
+            "scheduler"  OptimizerParamScheduler.state_dict()    (common, replicated)
+            "rng"        per (pp, tp) rank: python / numpy / torch / cuda / Megatron tracker states
+            "data"       data position (step, epoch, data file digest) (common)
+        megatron_inpo.json         {"format_version": 1, "hf_config", "padded_vocab_size", "tp", "pp", "layer_spec",
+                                    "step", "tokenizer_dir"} -- written last, before the rename
+        tokenizer/                 copy of the tokenizer files, when known
+
+Atomicity: every rank writes into `<root>/.step_00000012.tmp-<nonce>`; after all ranks finished, rank 0 writes
+megatron_inpo.json and renames the directory to its final name. Discovery (`latest_checkpoint`) only considers
+`step_*` names holding megatron_inpo.json, so a checkpoint cut by a crash is never picked up.
+
+Loading into a different TP / PP is dist_checkpointing's resharding: the model and the (non-distributed, or
+distributed with the default fully_sharded_model_space format) optimizer reshard; the RNG states only load into
+the layout that saved them (a warning otherwise).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+META_FILE = "megatron_inpo.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible; the message names the directory."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """megatron_inpo.json of a checkpoint directory (raises CheckpointError naming the path)."""
+    p = Path(path) / META_FILE
+    if not p.exists():
+        raise CheckpointError(f"{path}: not a megatron-inpo checkpoint (no {META_FILE}; incomplete or wrong path)")
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("hf_config", "padded_vocab_size", "tp", "pp"):
+        if key not in meta:
+            raise CheckpointError(f"{p}: missing field {key!r}")
+    return meta
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` as (step, path), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and (child / META_FILE).is_file():
+            out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: dict | None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state", state, (pp, tp),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def _unwrap(model: Any) -> Any:
+    # DDP and Float16Module both expose `.module`; GPTModel does not.
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _model_sharded(model_chunks: list) -> dict:
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
+    return _unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _broadcast_str(s: str) -> str:
+    import torch.distributed as dist
+
+    obj = [s]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model_chunks: list,
+    meta: dict,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    data_state: dict | None = None,
+    save_rng: bool = True,
+    tokenizer_dir: str | os.PathLike | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Save a training checkpoint of every rank's shard to `<root>/step_<step>` atomically; returns its path.
+
+    `meta` holds hf_config, padded_vocab_size, layer_spec (tp / pp / step / format_version are filled in).
+    `keep_last` > 0 removes older complete checkpoints beyond that count after the save.
+    """
+    import torch.distributed as dist
+
+    final = save_to(Path(root) / checkpoint_name(step), model_chunks, meta, optimizer, scheduler, data_state,
+                    save_rng, tokenizer_dir, step=step)
+    if dist.get_rank() == 0 and keep_last > 0:
+        for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def save_to(
+    final: str | os.PathLike,
+    model_chunks: list,
+    meta: dict,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    data_state: dict | None = None,
+    save_rng: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    step: int = 0,
+) -> Path:
+    """Save into exactly `final` (temp sibling, then rename); model only unless optimizer etc. are given."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    final = Path(final)
+    root = final.parent
+    tmp_name = _broadcast_str(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}" if dist.get_rank() == 0 else "")
+    tmp = root / tmp_name
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+
+    model_sd = _model_sharded(model_chunks)
+    sd: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    if data_state is not None:
+        sd["data"] = dict(data_state)
+    if save_rng:
+        sd["rng"] = _rng_sharded(_rng_state())
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+
+    if dist.get_rank() == 0:
+        full_meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_dir": None,
+            **meta,
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "step": step,
+            "iteration": step,
+            "has_optimizer": optimizer is not None,
+            "has_rng": bool(save_rng),
+        }
+        if tokenizer_dir:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            full_meta["tokenizer_dir"] = "tokenizer"
+        from megatron_inpo.files import _fsync_dir, atomic_write_json
+
+        atomic_write_json(tmp / META_FILE, full_meta)
+        if final.exists():  # a re-save of the same step (e.g. resumed just after it): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model_chunks: list,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    load_rng: bool = True,
+    strict: bool = True,
+) -> dict:
+    """Load `path` into the (already built, any TP/PP) model and, when given, optimizer / scheduler / RNG.
+
+    Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    path = Path(path)
+    meta = read_meta(path)
+    model_sd = _model_sharded(model_chunks)
+    request: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        if not meta.get("has_optimizer"):
+            raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
+        request["optimizer"] = optimizer.sharded_state_dict(_model_sharded(model_chunks), is_loading=True)
+    same_layout = (meta["tp"], meta["pp"]) == (
+        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    want_rng = load_rng and same_layout and meta.get("has_rng", False)
+    if want_rng:
+        request["rng"] = _rng_sharded(None)
+    elif load_rng and meta.get("has_rng"):
+        log.warning("%s: saved at TP=%s PP=%s; RNG states are per-rank and are not restored in a new layout",
+                    path, meta["tp"], meta["pp"])
+    try:
+        loaded = dist_checkpointing.load(request, str(path))
+    except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if strict and missing:
+        raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        if "scheduler" in common:
+            scheduler.load_state_dict(common["scheduler"])
+    data = None
+    if meta.get("has_optimizer"):
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        data = common.get("data")
+    if want_rng:
+        _set_rng_state(loaded["rng"])
+    return {"meta": meta, "data": data, "rng_loaded": want_rng}

@@ -1,0 +1,119 @@
+"""`megatron-inpo train`: one training stage (preference objective or SFT) on Megatron-Core.
+
+    megatron-inpo train --config stage.yaml [KEY=VALUE ...] [--FIELD VALUE ...]
+    torchrun --nproc-per-node N -m megatron_inpo train --config stage.yaml tensor_model_parallel_size=2
+
+Flags are the TrainConfig fields with '-' or '_' (`--init-checkpoint`, `--objective.eta`); KEY=VALUE overrides use
+the dotted field names. See megatron_inpo/engine/train.py for the fields and the output layout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def field_docs(cls: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field name, first line of its docstring) for a config dataclass and its nested ones."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+    import typing
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None),
+                                                                                   ast.Constant):
+            docs[a.target.id] = str(b.value.value).strip().splitlines()[0]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += field_docs(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, docs.get(f.name, "")))
+    return out
+
+
+def parse_config(argv: list[str], cls: Any, prog: str, doc: str) -> Any:
+    """--config YAML, then KEY=VALUE overrides, then --field value flags (last wins); validated."""
+    import yaml
+
+    from megatron_inpo.config import ConfigError, apply_overrides, from_dict, validate_all
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with the config fields")
+    parser.epilog = "Other arguments: KEY=VALUE overrides (dotted field names) or --field VALUE flags.\n\nfields:\n" + \
+        "\n".join(f"  {name:<30} {text}" for name, text in field_docs(cls))
+    args, rest = parser.parse_known_args(argv)
+    overrides: list[str] = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--"):
+            if "=" in tok:
+                overrides.append(tok)
+                i += 1
+                continue
+            raise ConfigError(f"unexpected argument {tok!r}")
+        key = tok[2:].replace("-", "_")
+        if "=" in key:
+            overrides.append(key)
+            i += 1
+            continue
+        if i + 1 >= len(rest):
+            raise ConfigError(f"flag {tok} needs a value")
+        overrides.append(f"{key}={rest[i + 1]}")
+        i += 2
+    data = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {args.config}: {e.strerror}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {args.config}: expected a mapping at the top level")
+    cfg = from_dict(cls, data, where=args.config or "")
+    cfg = apply_overrides(cfg, overrides)
+    validate_all(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_inpo.config import ConfigError
+    from megatron_inpo.data.preferences import DataError
+    from megatron_inpo.engine.checkpoint import CheckpointError
+    from megatron_inpo.engine.train import TrainConfig, train
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(argv, TrainConfig, "megatron-inpo train", __doc__)
+    except ConfigError as e:
+        print(f"megatron-inpo train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"megatron-inpo train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown()
+    if "final_checkpoint" in result and result.get("rank0", True):
+        print(f"trained: {result['final_checkpoint']}", flush=True)
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,413 @@
+"""Megatron-Core GPTModel for the Llama family, built from a Hugging Face `config.json` dict.
+
+API (what the engine, converter and tests call; process groups must exist: `engine.parallel.initialize`):
+
+    build_model(hf_config, pre_process=None, post_process=None, precision="fp32", layer_spec="auto", fp8=None,
+                fp8_recipe="delayed", sequence_parallel=False, recompute_activations=False,
+                padded_vocab_size=None, attention="sdpa") -> Built
+        The model chunk of THIS rank (pre/post_process default to this rank's pipeline stage) with RMSNorm,
+        SwiGLU, RoPE (incl. Llama-3 "llama3" and "linear" rope scaling, computed exactly like transformers),
+        GQA, tied or untied embeddings, vocab padded for TP. On CUDA it is moved to the current device.
+        Built = (model, vocab_size, padded_vocab_size, layer_spec ("local" | "te"), arch: LlamaArch, config).
+    ModelConfig(...).validate()     the same options as a dataclass (build_model(..., config=ModelConfig(...))).
+    LlamaArch.from_hf(hf_config)    validated dimensions (ConfigError names the config.json field).
+    padded_vocab(vocab_size, tp, divisor=128)   Megatron's padding: multiple of divisor * tp.
+    te_available()                  True only when CUDA is available AND transformer_engine imports.
+
+Layer specs: "te" = Transformer Engine modules (GPU; fused norm+linear names `linear_qkv.layer_norm_weight`),
+"local" = Megatron-Core's local modules with OUR core attention on torch scaled_dot_product_attention
+(`attention="sdpa"`, default; Megatron's unfused local attention is 0.54x of transformers on an H100) or
+Megatron's own (`attention="unfused"`). "auto" = "te" when te_available() else "local".
+FP8: fp8="hybrid" (or "e4m3") with fp8_recipe "delayed" or "current" (= Megatron's "tensorwise" current scaling);
+needs the TE spec on CUDA and hidden / FFN / head sizes divisible by 16 (validate() says which is not).
+transformer_engine is imported only in this module, lazily, and only when CUDA is available.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_inpo.config import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "tensorwise": "tensorwise"}
+FP8_FORMATS = ("hybrid", "e4m3")
+LAYER_SPECS = ("auto", "local", "te")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def padded_vocab(vocab_size: int, tp: int, divisor: int = 128) -> int:
+    """Megatron's vocab padding: the next multiple of divisor * tp."""
+    m = divisor * tp
+    return -(-int(vocab_size) // m) * m
+
+
+_te_checked: Optional[bool] = None
+
+
+def te_available() -> bool:
+    """True when CUDA is available and transformer_engine imports (it must never be imported on CPU)."""
+    global _te_checked
+    if _te_checked is None:
+        if not torch.cuda.is_available():
+            _te_checked = False
+        else:
+            try:  # TE raises OSError/RuntimeError (not only ImportError) when its CUDA libraries are missing
+                import transformer_engine  # noqa: F401
+                import transformer_engine.pytorch  # noqa: F401
+
+                _te_checked = True
+            except Exception:
+                _te_checked = False
+    return _te_checked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF config -> dimensions
+
+
+def rope_parameters(hf: Mapping[str, Any]) -> dict:
+    """RoPE settings of an HF config in one dict {"rope_type", "rope_theta", ...scaling fields}.
+
+    transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` + `rope_scaling` (or none).
+    """
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """The dimensions of a Llama-family model, read from an HF config.json dict."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaArch":
+        archs = hf.get("architectures") or []
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConfigError(f"config.json architectures={archs}: unsupported (supported: {SUPPORTED_ARCHITECTURES})")
+        if not archs and hf.get("model_type", "llama") != "llama":
+            raise ConfigError(f"config.json model_type={hf.get('model_type')!r}: unsupported (supported: llama)")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(hf.get(key), int) or hf[key] <= 0:
+                raise ConfigError(f"config.json {key}={hf.get(key)!r}: must be a positive integer")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json hidden_act={hf.get('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ConfigError(f"config.json {key}=true: biases are not supported for the Llama family")
+        heads = hf["num_attention_heads"]
+        groups = hf.get("num_key_value_heads") or heads
+        if heads % groups:
+            raise ConfigError(f"config.json num_key_value_heads={groups} does not divide num_attention_heads={heads}")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        rope = rope_parameters(hf)
+        if rope["rope_type"] not in ("default", "llama3", "linear"):
+            raise ConfigError(f"config.json rope type {rope['rope_type']!r}: supported are default, llama3, linear")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError("config.json partial_rotary_factor != 1 is not supported")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_query_groups=groups, head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), rope=rope,
+        )
+
+    def check_tp(self, tp: int) -> None:
+        """TP must divide heads, query groups (whole groups per rank) and the FFN size."""
+        for name, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_query_groups),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp:
+                raise ConfigError(f"tensor parallel size {tp} does not divide config.json {name}={n}")
+
+    def check_pp(self, pp: int) -> None:
+        if self.num_layers % pp:
+            raise ConfigError(f"pipeline parallel size {pp} does not divide config.json num_hidden_layers="
+                              f"{self.num_layers}")
+
+
+def rope_inv_freq(arch: LlamaArch, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies exactly as transformers computes them (default, linear, llama3 scaling).
+
+    Megatron-Core 0.16.1 only has llama3 scaling with low/high_freq_factor 1/4 and an original context of 8192
+    hard-coded; Llama-3.2 and custom configs differ, so the engine overrides Megatron's inv_freq with this.
+    """
+    r = arch.rope
+    dim = arch.head_dim
+    base = float(r["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    kind = r["rope_type"]
+    if kind == "linear":
+        inv_freq = inv_freq / float(r["factor"])
+    elif kind == "llama3":
+        factor = float(r["factor"])
+        low, high = float(r["low_freq_factor"]), float(r["high_freq_factor"])
+        old_ctx = float(r["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.to(device) if device is not None else inv_freq
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class ModelConfig:
+    """How to build the Megatron model (the architecture itself comes from the HF config.json)."""
+
+    precision: str = "fp32"
+    """Parameter dtype: "fp32" (CPU default, tests), "bf16" (GPU training), "fp16"."""
+    layer_spec: str = "auto"
+    """"auto" (TE when it imports on CUDA, else local), "te" (Transformer Engine, GPU only) or "local"."""
+    attention: str = "sdpa"
+    """Core attention of the local spec: "sdpa" (ours, torch scaled_dot_product_attention) or "unfused"
+    (Megatron's DotProductAttention, materializes the score matrix). Ignored by the TE spec."""
+    fp8: Optional[str] = None
+    """None (off), "hybrid" (E4M3 forward, E5M2 backward) or "e4m3". Needs the TE spec on CUDA."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling: "delayed" (amax history) or "current" (per-tensor current scaling, Megatron "tensorwise")."""
+    fp8_amax_history_len: int = 1024
+    """Length of the amax history of the delayed recipe."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1 to have an effect)."""
+    recompute_activations: bool = False
+    """Full activation recomputation, one layer at a time (saves memory, costs one extra forward)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times TP."""
+
+    def resolved_layer_spec(self) -> str:
+        if self.layer_spec == "auto":
+            return "te" if te_available() else "local"
+        return self.layer_spec
+
+    def validate(self, arch: Optional[LlamaArch] = None) -> None:
+        """Raise ConfigError naming the field; with `arch`, also check the FP8 size constraints."""
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"model.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.layer_spec not in LAYER_SPECS:
+            raise ConfigError(f"model.layer_spec={self.layer_spec!r}: expected one of {LAYER_SPECS}")
+        if self.attention not in ("sdpa", "unfused"):
+            raise ConfigError(f"model.attention={self.attention!r}: expected 'sdpa' or 'unfused'")
+        if self.layer_spec == "te" and not te_available():
+            raise ConfigError("model.layer_spec='te' needs CUDA and an importable transformer_engine "
+                              "(install the GPU extra); use 'local' or 'auto'")
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
+        if self.fp8 is None:
+            return
+        if self.fp8 not in FP8_FORMATS:
+            raise ConfigError(f"model.fp8={self.fp8!r}: expected null or one of {FP8_FORMATS}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"model.fp8_recipe={self.fp8_recipe!r}: expected one of {sorted(FP8_RECIPES)}")
+        if self.fp8_amax_history_len < 1:
+            raise ConfigError("model.fp8_amax_history_len must be >= 1")
+        if not te_available():
+            raise ConfigError("model.fp8 needs Transformer Engine on a CUDA GPU (transformer_engine does not "
+                              "import here); set model.fp8 to null")
+        if self.resolved_layer_spec() != "te":
+            raise ConfigError("model.fp8 needs model.layer_spec 'te' (or 'auto' with Transformer Engine)")
+        if self.precision == "fp32":
+            raise ConfigError("model.fp8 needs model.precision 'bf16' (or 'fp16') for the non-FP8 parts")
+        if arch is not None:
+            for name, n in (("hidden_size", arch.hidden_size), ("intermediate_size", arch.intermediate_size),
+                            ("head_dim", arch.head_dim)):
+                if n % 16:
+                    raise ConfigError(f"model.fp8: FP8 GEMMs need config.json {name}={n} divisible by 16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our core attention for the local spec
+
+
+def _sdpa_core_attention_cls():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.utils import divide
+
+    class SDPACoreAttention(MegatronModule):
+        """Drop-in for Megatron's local DotProductAttention on torch.nn.functional.scaled_dot_product_attention.
+
+        Same inputs/outputs: query [sq, b, np, hn], key/value [sk, b, ng, hn] (this TP rank's heads and groups),
+        attention_mask None (causal by attn_mask_type) or a boolean mask where True = masked out; returns
+        [sq, b, np*hn]. SDPA picks a fused kernel (flash / memory-efficient) and never materializes scores.
+        """
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
+            super().__init__(config=config)
+            if config.context_parallel_size != 1:
+                raise ValueError("SDPACoreAttention does not support context parallelism (use the TE spec)")
+            from megatron.core import parallel_state as ps
+
+            tp = pg_collection.tp.size() if pg_collection is not None else ps.get_tensor_model_parallel_world_size()
+            self.attn_mask_type = attn_mask_type
+            self.heads = divide(config.num_attention_heads, tp)
+            self.groups = divide(config.num_query_groups, tp)
+            self.head_dim = config.kv_channels
+            self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+            self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+            self._causal = AttnMaskType.causal
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None, **kwargs):
+            if packed_seq_params is not None or attention_bias is not None:
+                raise NotImplementedError("packed sequences / attention bias need the TE spec")
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            # [s, b, n, d] -> [b, n, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            if self.heads != self.groups:
+                rep = self.heads // self.groups
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            dropout = self.dropout if self.training else 0.0
+            if attention_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
+                                                     is_causal=mask_type == self._causal)
+            else:  # Megatron masks are True where attention is NOT allowed
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(),
+                                                     dropout_p=dropout, scale=self.softmax_scale)
+            # [b, n, sq, d] -> [sq, b, n*d]
+            sq, b = out.shape[2], out.shape[0]
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    return SDPACoreAttention
+
+
+_SDPA_CLS = None
+
+
+def sdpa_core_attention_class():
+    global _SDPA_CLS
+    if _SDPA_CLS is None:
+        _SDPA_CLS = _sdpa_core_attention_cls()
+    return _SDPA_CLS
+
+
+def layer_spec_for(cfg: ModelConfig):
+    """(ModuleSpec, name) for the resolved layer spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    name = cfg.resolved_layer_spec()
+    if name == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec(), "te"
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cfg.attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
+    return spec, "local"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build
+
+
+@dataclass
+class Built:
+    """The model chunk of this rank and what was decided while building it."""
+
+    model: torch.nn.Module
+    vocab_size: int
+    padded_vocab_size: int
+    layer_spec: str
+    arch: Optional[LlamaArch] = None
+    config: Optional[ModelConfig] = None
+
+
+def transformer_config(arch: LlamaArch, cfg: ModelConfig):
+    """Megatron TransformerConfig for `arch`; TP/PP sizes mirror parallel_state (else every stage builds all
+    layers silently)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    cuda = torch.cuda.is_available()
+    kw: dict[str, Any] = {}
+    if cfg.fp8:
+        kw.update(fp8=cfg.fp8, fp8_recipe=FP8_RECIPES[cfg.fp8_recipe], fp8_amax_history_len=cfg.fp8_amax_history_len,
+                  fp8_amax_compute_algo="max")
+    if cfg.recompute_activations:
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_heads, num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=not cuda, sequence_parallel=cfg.sequence_parallel,
+        # fused kernels exist only on CUDA (and some only with apex / TE)
+        gradient_accumulation_fusion=False, persist_layer_norm=False, masked_softmax_fusion=False,
+        bias_activation_fusion=cuda, bias_dropout_fusion=cuda, apply_rope_fusion=False,
+        **kw,
+    )
+
+
+def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None, precision: str = "fp32", layer_spec: str = "auto",
+                fp8: Optional[str] = None, fp8_recipe: str = "delayed", sequence_parallel: bool = False,
+                recompute_activations: bool = False, padded_vocab_size: Optional[int] = None,
+                attention: str = "sdpa", config: Optional[ModelConfig] = None) -> Built:
+    """See the module docstring. `config`, when given, replaces the individual option arguments."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = config or ModelConfig(precision=precision, layer_spec=layer_spec, attention=attention, fp8=fp8 or None,
+                                fp8_recipe=fp8_recipe, sequence_parallel=sequence_parallel,
+                                recompute_activations=recompute_activations)
+    arch = LlamaArch.from_hf(hf_config)
+    cfg.validate(arch)
+    tp = ps.get_tensor_model_parallel_world_size()
+    arch.check_tp(tp)
+    arch.check_pp(ps.get_pipeline_model_parallel_world_size())
+    if padded_vocab_size is None:
+        padded_vocab_size = padded_vocab(arch.vocab_size, tp, cfg.make_vocab_size_divisible_by)
+    if padded_vocab_size < arch.vocab_size or padded_vocab_size % tp:
+        raise ConfigError(f"padded_vocab_size={padded_vocab_size} must be >= vocab_size={arch.vocab_size} and "
+                          f"divisible by TP={tp}")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    spec, spec_name = layer_spec_for(cfg)
+    tconf = transformer_config(arch, cfg)
+    model = GPTModel(
+        config=tconf, transformer_layer_spec=spec, vocab_size=padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
+        rotary_base=int(arch.rope["rope_theta"]) if float(arch.rope["rope_theta"]).is_integer()
+        else arch.rope["rope_theta"],
+    )
+    rot = getattr(model, "rotary_pos_emb", None)
+    if rot is not None:  # exact HF inverse frequencies (rope scaling of any llama3 / linear config)
+        rot.inv_freq = rope_inv_freq(arch, device=rot.inv_freq.device).to(rot.inv_freq.dtype)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return Built(model, arch.vocab_size, padded_vocab_size, spec_name, arch, cfg)

@@ -1,0 +1,41 @@
+"""Fixtures of the driver / task / evaluate tests: a very small synthetic run and a CLI launcher."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+PORTS = iter(range(29700, 29800))
+
+
+def tiny_overrides(run_dir: str | Path, engine: str = "torch", iterations: int = 2) -> list[str]:
+    """tiny_cpu shrunk to seconds: 32 prompts per iteration in 2 rollout batches, 8-pair steps, 32 eval prompts."""
+    return [f"--run_dir={run_dir}", f"--engine={engine}", f"--iterations={iterations}",
+            "--task.prompts_per_iteration=32", "--task.eval_prompts=32", "--task.sft_examples=256",
+            "--sft.epochs=1", "--sft.global_batch_size=32", "--rollout_batch_size=16",
+            "--train.global_batch_size=8", "--train.micro_batch_size=8", "--train.epochs=1", "--train.save_interval=1",
+            f"--parallel.master_port={next(PORTS)}"]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+              "TRANSFORMERS_VERBOSITY": "error"})
+    e.pop("MEGATRON_INPO_FAULT", None)
+    if env:
+        e.update(env)
+    return subprocess.run([PY, "-m", "megatron_inpo", *args], capture_output=True, text=True, timeout=timeout,
+                          env=e, cwd=str(REPO))
+
+
+def tensors(hf_dir: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+

@@ -1,0 +1,296 @@
+"""torchrun worker of the engine tests: several scenarios per launch (each launch costs seconds on 2 cores).
+
+    torchrun --nproc-per-node 2 tests/engine_worker.py parity OUT_DIR
+        single-process reference (plain autograd, TP=1 PP=1, whole global batch) vs Megatron's schedule at
+        DP=2, TP=2, PP=2: loss and every gradient; log-probs vs transformers; distributed vs plain optimizer;
+        a checkpoint saved at TP=2 (with optimizer) loads at TP=1 and PP=2 with identical logits.
+        Reads OUT_DIR/hf (a transformers model) and OUT_DIR/init_ckpt (the converter's output of it, at TP=2);
+        writes OUT_DIR/pairs.jsonl and OUT_DIR/train_pairs.jsonl for the CLI tests.
+    torchrun --nproc-per-node 4 tests/engine_worker.py tp2pp2 OUT_DIR
+        TP=2 x PP=2 loss and gradients vs the single-process reference (same OUT_DIR inputs).
+
+Every check is recorded as {name, rank, err, tol, ok}; rank 0 writes OUT_DIR/results_<scenario>.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from engine_helpers import TINY_HF, hf_pair_logps, make_pairs, write_pairs  # noqa: E402
+
+CHECKS: list[dict] = []
+G, MBS = 8, 2  # global batch (pairs), micro-batch (pairs)
+
+
+def f64(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float, relative: bool = False) -> None:
+    import torch.distributed as dist
+
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    if got.shape != want.shape:
+        CHECKS.append(dict(name=name, rank=dist.get_rank(), err=float("inf"), tol=tol, ok=False,
+                           note=f"shape {tuple(got.shape)} vs {tuple(want.shape)}"))
+        return
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    if relative:
+        err /= max(want.abs().max().item(), 1e-12)
+    rec = dict(name=name, rank=dist.get_rank(), err=err, tol=tol, ok=bool(err <= tol),
+               scale=want.abs().max().item() if want.numel() else 0.0)
+    if got.numel() == 1:
+        rec.update(got=got.item(), want=want.item())
+    CHECKS.append(rec)
+
+
+def objective():
+    from megatron_inpo.objectives import ObjectiveConfig
+
+    return ObjectiveConfig(name="inpo", eta=0.005, tau=0.005 / 3)
+
+
+def setup(tp: int, pp: int, ckpt: Path):
+    from megatron_inpo.engine import checkpoint as C
+    from megatron_inpo.engine.train import TrainConfig, build_policy, init_runtime
+
+    rt = init_runtime(tp, pp, seed=1234)
+    built = build_policy(TINY_HF, TrainConfig(), rt, padded_vocab_size=C.read_meta(ckpt)["padded_vocab_size"])
+    C.load_checkpoint(ckpt, [built.model], load_rng=False)
+    return rt, built
+
+
+def global_batch(pairs):
+    from megatron_inpo.engine.train import step_items
+
+    return step_items(0, len(pairs), G, seed=7, shuffle=True)
+
+
+def reference(pairs, init, vocab):
+    """One process, plain autograd over the whole global batch at once (no schedule, no DDP)."""
+    from megatron_inpo.engine.logprobs import make_pair_batch, sequence_logps
+    from megatron_inpo.engine.train import _frozen_columns
+    from megatron_inpo.objectives import PairLogps, compute_objective
+
+    rt, built = setup(1, 1, init)
+    m = built.model
+    idx = global_batch(pairs)
+    b = make_pair_batch([pairs[i] for i in idx], indices=idx)
+    lp = sequence_logps(m(b.tokens, b.position_ids, attention_mask=None), b, vocab)
+    cols = _frozen_columns([pairs[i] for i in idx], lp.device)
+    loss, metrics = compute_objective(objective(), PairLogps(lp[:G], lp[G:], **cols), "mean")
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in m.named_parameters()}
+    return float(loss), {k: float(v) for k, v in metrics.items()}, grads
+
+
+def reference_sft(items, init, vocab):
+    """SFT reference: mean NLL over all response tokens of the global batch, plain autograd, one process."""
+    from megatron_inpo.engine.logprobs import make_sequence_batch, token_logps
+
+    rt, built = setup(1, 1, init)
+    m = built.model
+    idx = global_batch(items)
+    b = make_sequence_batch([(items[i].prompt_ids, items[i].response_ids) for i in idx], indices=idx)
+    tok = token_logps(m(b.tokens, b.position_ids, attention_mask=None), b.labels, vocab)
+    loss = -(tok * b.loss_mask).sum() / b.loss_mask.sum()
+    loss.backward()
+    return float(loss), {k: p.grad.detach().clone() for k, p in m.named_parameters()}
+
+
+def schedule_step(tp, pp, ckpt, pairs, vocab, use_distributed_optimizer=False, opt_step=False, mode="preference"):
+    """Megatron path: DDP + get_forward_backward_func over micro-batches split across DP ranks."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_inpo.engine.train import (StepRunner, TrainConfig, build_optimizer, item_length, make_batches,
+                                            split_micro_batches, wrap_ddp)
+
+    rt, built = setup(tp, pp, ckpt)
+    cfg = TrainConfig(use_distributed_optimizer=use_distributed_optimizer, lr=1e-3, warmup_ratio=0.0,
+                      lr_decay_style="constant", clip_grad=0.0)
+    model = wrap_ddp(built.model, cfg, "fp32")
+    idx = global_batch(pairs)
+    mbs = split_micro_batches(idx, [item_length(p) for p in pairs], MBS, rt.dp_size, ps.get_data_parallel_rank())
+    runner = StepRunner(mode, objective(), vocab, rt.device)
+    opt = sched = None
+    if opt_step:
+        opt, sched = build_optimizer(cfg, model, "fp32", total_steps=10)
+        opt.zero_grad()
+    model[0].zero_grad_buffer()
+    runner.run(model, make_batches(pairs, mbs, 8, mode), pairs)
+    metrics = runner.global_metrics()
+    grads = {k[len("module."):]: p.main_grad.detach().clone() for k, p in model[0].named_parameters()}
+    if opt_step:
+        opt.step()
+    return rt, built, model, metrics, grads, opt, sched
+
+
+def gather_tp(name: str, t: torch.Tensor, param) -> torch.Tensor:
+    """Full tensor of a TP-sharded parameter (its gradient), in the TP=1 layout."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dim = param.partition_dim
+    if name.endswith("linear_fc1.weight"):  # each shard is [gate_i; up_i]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def global_name(name: str, n_local_layers: int) -> str:
+    from megatron.core import parallel_state as ps
+
+    if name.startswith("decoder.layers."):
+        parts = name.split(".")
+        parts[2] = str(int(parts[2]) + ps.get_pipeline_model_parallel_rank() * n_local_layers)
+        return ".".join(parts)
+    return name
+
+
+def compare_grads(label, model, grads, ref_grads, vocab):
+    inner = model[0].module
+    params = dict(inner.named_parameters())
+    n_local = len(inner.decoder.layers)
+    for k, g in grads.items():
+        full = gather_tp(k, g, params[k])
+        ref = ref_grads[global_name(k, n_local)]
+        if "word_embeddings" in k or "output_layer" in k:
+            full, ref = full[:vocab], ref[:vocab]
+        check(f"{label} grad {global_name(k, n_local)}", full, ref, 2e-5, relative=True)
+
+
+def logits_of(model_chunks, batch):
+    """Full-vocab logits [b, s, V] on the last pipeline stage through the schedule (forward only); else None."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def fwd(it, chunk):
+        b = next(it)
+        out = chunk(b.tokens, b.position_ids, attention_mask=None)
+        return out, lambda o: (o.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(o).detach()})
+
+    with torch.no_grad():
+        store = get_forward_backward_func()(forward_step_func=fwd, data_iterator=iter([batch]), model=model_chunks,
+                                            num_microbatches=1, seq_length=batch.seq_len,
+                                            micro_batch_size=batch.tokens.shape[0], forward_only=True)
+    return store[0]["logits"] if ps.is_pipeline_last_stage() else None
+
+
+def scenario_parity(out: Path) -> None:
+    """OUT_DIR holds hf/ (transformers) and init_ckpt/ (the converter's output of it, written at TP=2)."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_inpo.engine import checkpoint as C
+    from megatron_inpo.engine.logprobs import forward_pair_logps, make_pair_batch
+
+    hf = LlamaForCausalLM.from_pretrained(out / "hf", attn_implementation="sdpa").eval()
+    vocab = TINY_HF["vocab_size"]
+    pairs = make_pairs(16, vocab, seed=3)
+    init = out / "init_ckpt"
+    ref_loss, ref_metrics, ref_grads = reference(pairs, init, vocab)
+    rt, built = setup(1, 1, init)
+    full = {k: v.detach().clone() for k, v in built.model.named_parameters()}
+    if rt.rank == 0:
+        write_pairs(out / "pairs.jsonl", make_pairs(12, vocab, seed=5, with_logps=False))
+        write_pairs(out / "train_pairs.jsonl", pairs)
+    hf_lp = torch.tensor(hf_pair_logps(hf, pairs[:6]))
+
+    def check_logps(label):
+        batches = [make_pair_batch(pairs[i:i + 2], indices=[i, i + 1], pad_to=24) for i in (0, 2, 4)]
+        res = forward_pair_logps([m_inner], batches, vocab)
+        if res is not None:
+            got = torch.cat([torch.stack([c, r], 1) for _, c, r in res])
+            check(f"{label} log-probs vs transformers", got, hf_lp, 2e-4)
+
+    for tp, pp, label in ((1, 1, "DP=2"), (2, 1, "TP=2"), (1, 2, "PP=2")):
+        rt, built, model, metrics, grads, _, _ = schedule_step(tp, pp, init, pairs, vocab)
+        check(f"{label} loss", f64(metrics["loss"]), f64(ref_loss), 1e-5, relative=True)
+        for k in ("h_mean", "h_std", "accuracy", "margin"):
+            check(f"{label} metric {k}", f64(metrics[k]), f64(ref_metrics[k]), 1e-4)
+        compare_grads(label, model, grads, ref_grads, vocab)
+        m_inner = model[0].module
+        check_logps(label)
+
+    # SFT mode: mean NLL of response tokens, token-weighted over micro-batches and DP ranks.
+    from megatron_inpo.engine.train import SFTItem
+
+    sft = [SFTItem(p.prompt_ids, p.chosen_ids if k % 2 else p.rejected_ids) for k, p in enumerate(pairs)]
+    sft_loss, sft_grads = reference_sft(sft, init, vocab)
+    for tp, pp, label in ((1, 1, "SFT DP=2"), (2, 1, "SFT TP=2")):
+        rt, built, model, metrics, grads, _, _ = schedule_step(tp, pp, init, sft, vocab, mode="sft")
+        check(f"{label} loss", f64(metrics["loss"]), f64(sft_loss), 1e-5, relative=True)
+        compare_grads(label, model, grads, sft_grads, vocab)
+
+    # Distributed optimizer == plain optimizer after one step (DP=2).
+    params = {}
+    for dist_opt in (False, True):
+        rt, built, model, _, _, _, _ = schedule_step(1, 1, init, pairs, vocab, use_distributed_optimizer=dist_opt,
+                                                     opt_step=True)
+        params[dist_opt] = {k: p.detach().clone() for k, p in model[0].module.named_parameters()}
+    moved = max((params[False][k] - full[k]).abs().max().item() for k in params[False])
+    check("optimizer step moved the weights (> 1e-4)", torch.tensor(float(moved > 1e-4)), torch.tensor(1.0), 0)
+    for k in params[False]:
+        check(f"distributed optimizer param {k}", params[True][k], params[False][k], 1e-6)
+
+    # Checkpoint saved at TP=2 (after a step, with optimizer) -> TP=1 and PP=2: identical logits.
+    rt, built, model, _, _, opt, sched = schedule_step(2, 1, init, pairs, vocab, opt_step=True)
+    meta = {"hf_config": TINY_HF, "padded_vocab_size": 128, "layer_spec": "local"}
+    saved = C.save_checkpoint(out / "ckpts", 1, model, meta, opt, sched, {"step": 1})
+    batch = make_pair_batch(pairs[:4], indices=range(4), pad_to=24)
+    want = logits_of(model, batch)
+    for tp, pp, label in ((1, 1, "TP=1"), (1, 2, "PP=2")):
+        rt, built, model2, _, _, opt2, sched2 = schedule_step(tp, pp, init, pairs, vocab, opt_step=False)
+        from megatron_inpo.engine.train import TrainConfig, build_optimizer
+
+        opt2, sched2 = build_optimizer(TrainConfig(lr=1e-3, warmup_ratio=0.0), model2, "fp32", 10)
+        C.load_checkpoint(saved, model2, opt2, sched2)
+        got = logits_of(model2, batch)
+        if got is not None:
+            check(f"TP=2 checkpoint -> {label} logits", got, want, 1e-5)
+    check("latest_checkpoint finds it", torch.tensor(float(C.latest_checkpoint(out / "ckpts") == saved)),
+          torch.tensor(1.0), 0)
+
+
+def scenario_tp2pp2(out: Path) -> None:
+    vocab = TINY_HF["vocab_size"]
+    pairs = make_pairs(16, vocab, seed=3)
+    init = out / "init_ckpt"
+    ref_loss, ref_metrics, ref_grads = reference(pairs, init, vocab)
+    rt, built, model, metrics, grads, _, _ = schedule_step(2, 2, init, pairs, vocab)
+    check("TP=2xPP=2 loss", f64(metrics["loss"]), f64(ref_loss), 1e-5, relative=True)
+    compare_grads("TP=2xPP=2", model, grads, ref_grads, vocab)
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    {"parity": scenario_parity, "tp2pp2": scenario_tp2pp2}[scenario](out)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, CHECKS)
+    if dist.get_rank() == 0:
+        flat = [c for part in gathered for c in part]
+        (out / f"results_{scenario}.json").write_text(json.dumps(flat, indent=1))
+        bad = [c for c in flat if not c["ok"]]
+        print(f"{len(flat)} checks, {len(bad)} failed", flush=True)
+        for c in bad:
+            print("FAIL", c, flush=True)
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

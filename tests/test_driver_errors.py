@@ -1,0 +1,145 @@
+"""Bad input fails before any stage runs, with a message naming the field or file."""
+import json
+import socket
+
+from driver_helpers import run_cli, tiny_overrides
+from megatron_inpo.config import ConfigError
+from megatron_inpo.driver.cli import resolve_config
+from megatron_inpo.driver.loop import Driver, preflight
+
+import pytest
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_unreachable_judge_server_fails_before_work(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "run") + [
+        "judge.kind=pairwise", "judge.backend=sglang", f"judge.server_urls=[{url}]", "judge.model_path=pm"])
+    with pytest.raises(ConfigError, match=r"judge\.server_urls: .*unreachable") as e:
+        Driver(cfg, progress=False, out=lambda s: None).run()
+    assert url in str(e.value)
+    assert not (tmp_path / "run" / "manifest.json").exists()  # nothing started
+
+
+def test_unreachable_rollout_server(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "run") + [
+        "rollout.backend=sglang", f"rollout.server_urls=[{url}]"])
+    with pytest.raises(ConfigError, match=r"rollout\.server_urls"):
+        preflight(cfg)
+
+
+def test_missing_files_are_named(tmp_path):
+    hf = tmp_path / "sft_model"
+    base = tiny_overrides(tmp_path / "run") + ["model.source=hf", f"model.hf_path={hf}", "iterations=1"]
+    cfg = resolve_config("tiny_cpu", None, base + [f"prompts=[{tmp_path / 'p1.jsonl'}]",
+                                                   f"eval.prompts={tmp_path / 'eval.jsonl'}"])
+    with pytest.raises(ConfigError, match="model.hf_path: .*sft_model.*no config.json"):
+        preflight(cfg)
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"prompts\[0\]: file .*p1.jsonl not found"):
+        preflight(cfg)
+    (tmp_path / "p1.jsonl").write_text('{"id": 1, "prompt": "a b"}\n')
+    with pytest.raises(ConfigError, match="eval.prompts: file .*eval.jsonl not found"):
+        preflight(cfg)
+    (tmp_path / "p1.jsonl").write_text('{"id": 1, "promt": "a b"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"id": 1, "prompt": "a b"}\n')
+    from megatron_inpo.data.preferences import DataError
+
+    with pytest.raises(DataError, match=r"p1.jsonl:1: missing field 'prompt'"):
+        preflight(cfg)
+    with pytest.raises(ConfigError, match="one prompt file per iteration"):
+        resolve_config("tiny_cpu", None, base + ["prompts=[]"])
+
+
+def test_bad_judge_function_and_missing_megatron_parts(tmp_path, monkeypatch):
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r") + ["judge.function=nope.mod:f"])
+    with pytest.raises(ConfigError, match="judge.function: cannot load 'nope.mod:f'"):
+        preflight(cfg)
+    import megatron_inpo.driver.loop as loop
+
+    monkeypatch.setattr(loop, "missing_megatron_parts", lambda: ["the HF <-> Megatron converter (x)"])
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r", engine="megatron"))
+    with pytest.raises(ConfigError, match="engine: 'megatron' needs the HF <-> Megatron converter"):
+        preflight(cfg)
+
+
+def test_cli_exit_codes_and_changed_config_refused(tmp_path):
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--train.lr=-1"])
+    assert r.returncode == 2 and "train.lr: must be > 0" in r.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    from megatron_inpo.config import save_yaml
+
+    save_yaml(resolve_config("tiny_cpu", None, tiny_overrides(run)), run / "config.yaml")
+    r = run_cli(["run", "--recipe", "tiny_cpu", *tiny_overrides(run), "--train.lr=0.002"])
+    assert r.returncode == 2
+    assert "different config" in r.stderr and "train.lr: saved 0.001, now 0.002" in r.stderr
+    assert not (run / "manifest.json").exists() or not json.loads((run / "manifest.json").read_text())["stages"]
+
+
+def test_orphaned_stage_group_is_reaped(tmp_path):
+    """A stage subprocess group left by a SIGKILLed driver is killed before the resumed run starts stages."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from megatron_inpo.driver.stages import RUNNING_FILE, reap_orphan_stage
+    from megatron_inpo.files import atomic_write_json
+
+    # a process group whose leader runs `... megatron_inpo ...` (like a torchrun stage) and a child of it
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code, "megatron_inpo"], start_new_session=True)
+    time.sleep(0.5)
+    atomic_write_json(tmp_path / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": "train_iter_01"})
+    assert reap_orphan_stage(tmp_path) == "train_iter_01"
+    assert proc.wait(timeout=10) == -9
+    assert not (tmp_path / RUNNING_FILE).exists()
+    # a stale record of a finished group (pid reused by someone else, or gone) is only removed
+    atomic_write_json(tmp_path / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": "x"})
+    assert reap_orphan_stage(tmp_path) is None and not (tmp_path / RUNNING_FILE).exists()
+
+
+def test_server_memory_release_and_resume(tmp_path):
+    """server_memory_saver: release before Megatron stages, resume before rollout (SGLang's endpoints)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            seen.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"success": true}')
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r") + [
+            "server_memory_saver=true", "rollout.backend=sglang", f"rollout.server_urls=[{url}]"])
+        d = Driver(cfg, progress=False, out=lambda s: None)
+        d.server_memory("release")
+        d.server_memory("release")  # already released: no second request
+        d.server_memory("resume")
+    finally:
+        srv.shutdown()
+    assert seen == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
+                    ("/resume_memory_occupation", {"tags": ["weights", "kv_cache"]})]

@@ -1,0 +1,220 @@
+"""Megatron engine on CPU / gloo: parallel == single process, log-probs == transformers, checkpoints reshard,
+SIGKILL + resume == uninterrupted. Few torchrun launches, several checks each (tests/engine_worker.py)."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from engine_helpers import PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree, tiny_hf_model, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_checks(results, expected_names):
+    bad = [c for c in results if not c["ok"]]
+    assert not bad, "\n".join(f"{c['name']} (rank {c['rank']}): err {c['err']:.3e} > tol {c['tol']}" for c in bad)
+    names = {c["name"].split(" grad ")[0] if " grad " in c["name"] else c["name"] for c in results}
+    missing = [n for n in expected_names if n not in names]
+    assert not missing, f"checks that did not run: {missing}"
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """A tiny transformers Llama, converted by megatron_inpo.convert at TP=2, then the parity worker."""
+    out = tmp_path_factory.mktemp("engine_parity")
+    tiny_hf_model(seed=0).save_pretrained(out / "hf")
+    convert_to_mcore(out / "hf", out / "init_ckpt", tp=2)
+    proc = torchrun(2, ["tests/engine_worker.py", "parity", str(out)], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, json.loads((out / "results_parity.json").read_text())
+
+
+def test_dp_tp_pp_match_single_process(parity):
+    """Loss, metrics and every gradient of one INPO step at DP=2, TP=2, PP=2 vs plain autograd on one process."""
+    _, results = parity
+    expected = [f"{l} {what}" for l in ("DP=2", "TP=2", "PP=2") for what in ("loss", "metric h_mean", "metric h_std")]
+    expected += ["DP=2", "TP=2", "PP=2"]  # gradient checks (grouped by label)
+    _assert_checks(results, expected)
+    grads = [c for c in results if " grad " in c["name"]]
+    # every parameter of the tiny model: 4 layers x 6 + embedding + final norm + output = 27, at each layout
+    for label in ("DP=2", "TP=2", "PP=2"):
+        assert len({c["name"] for c in grads if c["name"].startswith(label + " grad")}) == 27, label
+    assert all(c["scale"] > 0 for c in grads), "a reference gradient is identically zero: the check is vacuous"
+
+
+def test_sft_loss_and_gradients_match_single_process(parity):
+    _, results = parity
+    _assert_checks(results, ["SFT DP=2 loss", "SFT TP=2 loss", "SFT DP=2", "SFT TP=2"])
+
+
+def test_logprobs_match_transformers_in_every_layout(parity):
+    _, results = parity
+    _assert_checks(results, [f"{l} log-probs vs transformers" for l in ("DP=2", "TP=2", "PP=2")])
+
+
+def test_distributed_optimizer_and_checkpoint_resharding(parity):
+    """One AdamW step with the distributed optimizer == without it; a TP=2 checkpoint (model + optimizer) loads at
+    TP=1 and PP=2 with the same logits; latest_checkpoint finds it."""
+    _, results = parity
+    _assert_checks(results, ["optimizer step moved the weights (> 1e-4)", "TP=2 checkpoint -> TP=1 logits",
+                             "TP=2 checkpoint -> PP=2 logits", "latest_checkpoint finds it"])
+    assert sum(c["name"].startswith("distributed optimizer param") for c in results) == 2 * 27
+
+
+def test_tp2_x_pp2_four_processes(parity):
+    src, _ = parity
+    proc = torchrun(4, ["tests/engine_worker.py", "tp2pp2", str(src)], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads((src / "results_tp2pp2.json").read_text())
+    _assert_checks(results, ["TP=2xPP=2 loss", "TP=2xPP=2"])
+
+
+def test_logprobs_cli_writes_transformers_values_and_resumes(parity, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from megatron_inpo.data.preferences import read_preferences
+
+    src, _ = parity
+    out = tmp_path / "lp.jsonl"
+    args = ["-m", "megatron_inpo", "logprobs", "--data", str(src / "pairs.jsonl"), "--output", str(out),
+            "--ref-checkpoint", str(src / "init_ckpt"), "--last-checkpoint", str(src / "ckpts" / "step_00000001"),
+            "--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--chunk-pairs", "5",
+            "--progress", "false"]
+    proc = torchrun(2, args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "'computed_chunks': {'ref': 3, 'last': 3}" in proc.stdout
+    got = read_preferences(out, require_logps=True)
+    hf = LlamaForCausalLM.from_pretrained(src / "hf", attn_implementation="sdpa").eval()
+    want = hf_pair_logps(hf, got)
+    ref = torch.tensor([[p.ref_chosen_logp, p.ref_rejected_logp] for p in got], dtype=torch.float64)
+    assert (ref - torch.tensor(want, dtype=torch.float64)).abs().max() < 2e-4
+    last = torch.tensor([[p.last_chosen_logp, p.last_rejected_logp] for p in got])
+    assert (last.double() - ref).abs().max() > 1e-3  # pi_t (one step later) differs from pi_ref
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "progress directory left behind"
+
+    # Resume: cut the output, keep a progress store with 2 of 3 ref chunks and 3 of 3 last chunks.
+    from megatron_inpo.engine import logprobs as lp
+
+    out2 = tmp_path / "lp2.jsonl"
+    pairs = read_preferences(src / "pairs.jsonl")
+    pdir = lp.progress_dir(out2)
+    for role, ck, vals, n in (("ref", src / "init_ckpt", ref, 2), ("last", src / "ckpts" / "step_00000001", last, 3)):
+        store = lp.ProgressStore(pdir / role, lp.store_key(src / "pairs.jsonl", role, str(ck), 2, 5))
+        for c in range(n):
+            store.append(role, c, vals[c * 5:(c + 1) * 5].tolist())
+    with open(pdir / "ref" / "ref.jsonl", "a") as f:
+        f.write('{"chunk": 2, "values": [[1.0')  # a line cut by a crash
+    # resumed at TP=1 (so DP=2 shares each chunk's micro-batches): only the missing chunk is computed
+    args2 = [a if a != str(out) else str(out2) for a in args]
+    args2[args2.index("--tensor-model-parallel-size") + 1] = "1"
+    proc = torchrun(2, args2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "'computed_chunks': {'ref': 1, 'last': 0}" in proc.stdout
+    got2 = read_preferences(out2, require_logps=True)
+    assert [p.prompt_id for p in got2] == [p.prompt_id for p in pairs]
+    ref2 = torch.tensor([[p.ref_chosen_logp, p.ref_rejected_logp] for p in got2], dtype=torch.float64)
+    assert torch.equal(ref2[:10], ref[:10])                       # reused chunks, bit for bit
+    assert (ref2[10:] - ref[10:]).abs().max() < 1e-4               # recomputed at another layout
+    assert [p.last_chosen_logp for p in got2] == [p.last_chosen_logp for p in got]
+
+
+def _train_args(src, out, extra=()):
+    return ["-m", "megatron_inpo", "train", "--data", str(src / "train_pairs.jsonl"), "--init-checkpoint",
+            str(src / "init_ckpt"), "--output-dir", str(out), "--pipeline-model-parallel-size", "2",
+            "--global-batch-size", "4", "--micro-batch-size", "1", "--train-iters", "8", "--save-interval", "1",
+            "--lr", "1e-4", "--warmup-ratio", "0.25", "--keep-checkpoints", "3", "--progress", "false", *extra]
+
+
+def _losses(out):
+    lines = [json.loads(x) for x in (out / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["loss"], x["grad_norm"], x["lr"]) for x in lines]
+
+
+def test_sigkill_and_resume_matches_uninterrupted(parity, tmp_path):
+    src, _ = parity
+    full = tmp_path / "full"
+    proc = torchrun(2, _train_args(src, full), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    want = _losses(full)
+    assert [s for s, *_ in want] == list(range(1, 9))
+    # warm-up of round(0.25 * 8) = 2 steps from 0, then cosine from 1e-4 down to 0
+    assert [round(x[3], 10) for x in want[:3]] == [0.0, 5e-05, 1e-04] and want[-1][3] < 1e-5
+
+    cut = tmp_path / "cut"
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(next(PORTS)),
+           *_train_args(src, cut)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while not (cut / "checkpoints" / "step_00000003").exists():
+            assert p.poll() is None and time.time() < deadline, "training ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        # SIGKILL the launcher and its workers: no clean-up code runs anywhere.
+        import psutil
+
+        workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        kill_tree(p.pid)
+        p.wait()
+        for pid in workers:
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.05)
+    assert not (cut / "train_result.json").exists(), "run finished before the kill: test is vacuous"
+    from megatron_inpo.engine.checkpoint import latest_checkpoint
+
+    resumed_from = latest_checkpoint(cut / "checkpoints")
+    assert resumed_from is not None and resumed_from.name < "step_00000008"
+    proc = torchrun(2, _train_args(src, cut), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert f"resuming from {resumed_from}" in proc.stdout
+    got = _losses(cut)
+    assert [s for s, *_ in got] == list(range(1, 9))
+    for (s, l1, g1, lr1), (_, l2, g2, lr2) in zip(want, got):
+        assert l2 == pytest.approx(l1, rel=1e-6, abs=1e-9), f"step {s}"
+        assert g2 == pytest.approx(g1, rel=1e-5) and lr2 == pytest.approx(lr1), f"step {s}"
+    result = json.loads((cut / "train_result.json").read_text())
+    assert result["final_checkpoint"].endswith("step_00000008")
+    # a re-run of a finished stage is a no-op
+    proc = subprocess.run([PY, *_train_args(src, cut)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "trained:" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_sft_cli_single_process_loss_equals_transformers(parity, tmp_path):
+    """`megatron-inpo train mode=sft` without torchrun: step-1 loss = transformers' mean response-token NLL."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_inpo.data.preferences import read_preferences
+    from megatron_inpo.engine.train import step_items
+
+    src, _ = parity
+    pairs = read_preferences(src / "train_pairs.jsonl")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt_ids": p.prompt_ids, "response_ids": p.chosen_ids}) + "\n"
+                            for p in pairs))
+    out = tmp_path / "sft"
+    proc = subprocess.run([PY, "-m", "megatron_inpo", "train", "--mode", "sft", "--data", str(data),
+                           "--init-checkpoint", str(src / "init_ckpt"), "--output-dir", str(out),
+                           "--global-batch-size", "8", "--micro-batch-size", "4", "--train-iters", "2",
+                           "--lr", "1e-3", "--warmup-ratio", "0", "--seed", "11", "--progress", "false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "MASTER_PORT": str(next(PORTS))})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = [json.loads(x) for x in (out / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    hf = LlamaForCausalLM.from_pretrained(src / "hf", attn_implementation="sdpa").eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in step_items(0, len(pairs), 8, seed=11, shuffle=True):
+            p = pairs[i]
+            ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+            lsm = torch.log_softmax(hf(input_ids=ids).logits[0].double(), -1)
+            P = len(p.prompt_ids)
+            nll -= float(sum(lsm[P - 1 + j, t] for j, t in enumerate(p.chosen_ids)))
+            n += len(p.chosen_ids)
+    assert got[0]["loss"] == pytest.approx(nll / n, abs=1e-5)
+    assert got[0]["tokens"] == n
+    assert got[1]["loss"] != got[0]["loss"] and (out / "checkpoints" / "step_00000002").is_dir()

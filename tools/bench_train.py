@@ -1,0 +1,210 @@
+"""Benchmark of the INPO training step: megatron-inpo's engine vs transformers LlamaForCausalLM (sdpa), same run.
+
+    python tools/bench_train.py                      # CPU: a small Llama, fp32
+    python tools/bench_train.py --preset gpu-1.7b     # one GPU: the 1.7B-class config of shared/bench/gpu_baseline.py
+    python tools/bench_train.py --preset gpu-1.7b --fp8 hybrid   # engine with Transformer Engine FP8
+
+Both implementations run the same INPO step on the same synthetic pairs: per-sequence sums of response-token
+log-probs of micro_batch pairs (2 x micro_batch sequences of --seq tokens), the INPO loss, backward and an AdamW
+step. Engine: Megatron-Core GPTModel + DDP + Megatron optimizer through get_forward_backward_func (the exact
+training code path, engine/train.py StepRunner). Baseline: transformers with torch.optim.AdamW. Each runs in its
+own subprocess (clean peak memory); the parent prints one JSON line per implementation and the ratios.
+FLOPs: notes/05 formula (engine/metrics.py), counted on all tokens; MFU against --peak-tflops (default: H100 dense
+bf16 989, or 1979 with --fp8; none on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    "cpu-small": dict(layers=4, hidden=256, heads=8, groups=4, ffn=688, vocab=4096, seq=256, micro_batch=2),
+    "gpu-1.7b": dict(layers=16, hidden=2048, heads=16, groups=8, ffn=8192, vocab=128256, seq=2048, micro_batch=2),
+}
+
+
+def hf_config(a) -> dict:
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=a.vocab, hidden_size=a.hidden,
+                intermediate_size=a.ffn, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                num_key_value_heads=a.groups, max_position_embeddings=a.seq, rms_norm_eps=1e-5,
+                rope_theta=500000.0, tie_word_embeddings=False, hidden_act="silu")
+
+
+def synthetic_pairs(a, n: int):
+    import random
+
+    from megatron_inpo.data.preferences import PreferencePair
+
+    rng = random.Random(0)
+    prompt_len = a.seq // 4
+    resp_len = a.seq + 1 - prompt_len  # sequence length (input) = prompt + response - 1 = seq
+    out = []
+    for i in range(n):
+        ids = lambda k: [rng.randrange(1, a.vocab) for _ in range(k)]  # noqa: E731
+        out.append(PreferencePair(prompt_id=str(i), prompt="", prompt_ids=ids(prompt_len), chosen="", rejected="",
+                                  chosen_ids=ids(resp_len), rejected_ids=ids(resp_len), ref_chosen_logp=-1.0 * a.seq,
+                                  ref_rejected_logp=-1.0 * a.seq, last_chosen_logp=-1.0 * a.seq,
+                                  last_rejected_logp=-1.0 * a.seq))
+    return out
+
+
+def run_engine(a) -> list[float]:
+    import torch
+
+    from megatron_inpo.engine.logprobs import make_pair_batch
+    from megatron_inpo.engine.train import (StepRunner, TrainConfig, build_optimizer, build_policy, init_runtime,
+                                            wrap_ddp)
+    from megatron_inpo.objectives import ObjectiveConfig
+
+    rt = init_runtime(1, 1, seed=0)
+    cfg = TrainConfig(precision="bf16" if rt.cuda else "fp32", fp8=a.fp8, layer_spec="te" if a.fp8 else "auto",
+                      lr=1e-6, warmup_ratio=0.0, clip_grad=1.0)
+    built = build_policy(hf_config(a), cfg, rt)
+    precision = cfg.resolved_precision(rt.cuda)
+    model = wrap_ddp(built.model, cfg, precision)
+    opt, sched = build_optimizer(cfg, model, precision, total_steps=1000)
+    pairs = synthetic_pairs(a, a.micro_batch)
+    batch = make_pair_batch(pairs, indices=range(a.micro_batch))
+    runner = StepRunner("preference", ObjectiveConfig(), built.vocab_size, rt.device)
+    times = []
+    for _ in range(a.steps + a.warmup):
+        sync(rt.cuda)
+        t = time.perf_counter()
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        runner.run(model, [batch], pairs)
+        opt.step()
+        sched.step(1)
+        sync(rt.cuda)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def run_hf(a) -> list[float]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_inpo.engine.logprobs import make_pair_batch
+    from megatron_inpo.objectives import ObjectiveConfig, PairLogps, compute_objective
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    cfg = LlamaConfig(**{k: v for k, v in hf_config(a).items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dev, torch.bfloat16 if cuda else torch.float32)
+    model.gradient_checkpointing_disable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
+    pairs = synthetic_pairs(a, a.micro_batch)
+    b = make_pair_batch(pairs, indices=range(a.micro_batch)).to(dev)
+    B = a.micro_batch
+    frozen = torch.full((B,), -1.0 * a.seq, device=dev)
+    obj = ObjectiveConfig()
+    times = []
+    for _ in range(a.steps + a.warmup):
+        sync(cuda)
+        t = time.perf_counter()
+        logits = model(input_ids=b.tokens).logits.float()
+        tok = torch.log_softmax(logits, -1).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
+        lp = (tok * b.loss_mask).sum(-1)
+        loss, _ = compute_objective(obj, PairLogps(lp[:B], lp[B:], frozen, frozen, frozen, frozen))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(cuda)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def child(a) -> None:
+    import resource
+
+    import torch
+
+    times = (run_engine if a.impl == "engine" else run_hf)(a)
+    step = statistics.median(times[a.warmup:])
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak_kind = "gpu_max_allocated_gib"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_kind = "cpu_max_rss_gib"
+    from megatron_inpo.engine.metrics import FlopDims, batch_flops, throughput
+
+    dims = FlopDims.from_hf_config(hf_config(a))
+    seqs = [a.seq] * (2 * a.micro_batch)
+    peak_tflops = a.peak_tflops if a.peak_tflops is not None else (
+        (1979.0 if a.fp8 else 989.0) if torch.cuda.is_available() else None)
+    speed = throughput(batch_flops(dims, seqs), sum(seqs), step, peak_tflops)
+    print("RESULT " + json.dumps(dict(impl=a.impl, fp8=a.fp8 or None, step_s=round(step, 5),
+                                      tokens_per_s=round(speed["tokens_per_s"], 1),
+                                      tflops=round(speed["tflops"], 4), mfu=round(speed["mfu"], 4) if "mfu" in speed
+                                      else None, **{peak_kind: round(peak, 3)},
+                                      device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")),
+          flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="config preset (default: cpu-small on CPU, gpu-1.7b on GPU)")
+    for k in ("layers", "hidden", "heads", "groups", "ffn", "vocab", "seq", "micro_batch"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1, help="alternate hf / engine runs this often; best of each")
+    p.add_argument("--fp8", default="", choices=["", "hybrid", "e4m3"], help="engine with TE FP8 (GPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
+    p.add_argument("--impl", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    import torch
+
+    preset = PRESETS[a.preset or ("gpu-1.7b" if torch.cuda.is_available() else "cpu-small")]
+    for k, v in preset.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.impl:
+        child(a)
+        return 0
+    results: dict = {}
+    # Alternate the implementations and keep each one's fastest repeat: a shared machine's load drifts.
+    for impl in ("hf", "engine") * a.repeats:
+        args = [sys.executable, os.path.abspath(__file__), "--impl", impl] + [
+            f"--{k.replace('_', '-')}={getattr(a, k)}" for k in list(preset) + ["steps", "warmup"]]
+        if a.fp8 and impl == "engine":
+            args.append(f"--fp8={a.fp8}")
+        if a.peak_tflops is not None:
+            args.append(f"--peak-tflops={a.peak_tflops}")
+        env = {**os.environ, "MASTER_PORT": os.environ.get("MASTER_PORT", "29598")}
+        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{impl} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        row = json.loads(line[len("RESULT "):])
+        print(json.dumps(row), flush=True)
+        if impl not in results or row["step_s"] < results[impl]["step_s"]:
+            results[impl] = row
+    cfg = {k: getattr(a, k) for k in preset}
+    e, h = results["engine"], results["hf"]
+    mem_key = next(k for k in e if k.endswith("_gib"))
+    print(json.dumps({"config": cfg, "engine_over_hf_tokens_per_s": round(e["tokens_per_s"] / h["tokens_per_s"], 3),
+                      "engine_over_hf_peak_mem": round(e[mem_key] / h[mem_key], 3)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
