@@ -87,27 +87,46 @@ def test_cli_exit_codes_and_changed_config_refused(tmp_path):
 
 
 def test_orphaned_stage_group_is_reaped(tmp_path):
-    """A stage subprocess group left by a SIGKILLed driver is killed before the resumed run starts stages."""
+    """What a SIGKILLed driver's stage left running is killed before the resumed run starts stages: the whole
+    process group, including descendants that outlived their leader (dist_checkpointing's spawned helpers);
+    a group that does not carry the stage's token (a recycled process-group id) is never signalled."""
     import os
     import subprocess
     import sys
     import time
 
-    from megatron_inpo.driver.stages import RUNNING_FILE, reap_orphan_stage
+    from megatron_inpo.driver.stages import RUNNING_FILE, STAGE_TOKEN_ENV, reap_orphan_stage
     from megatron_inpo.files import atomic_write_json
 
-    # a process group whose leader runs `... megatron_inpo ...` (like a torchrun stage) and a child of it
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
-           "time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code, "megatron_inpo"], start_new_session=True)
-    time.sleep(0.5)
-    atomic_write_json(tmp_path / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": "train_iter_01"})
-    assert reap_orphan_stage(tmp_path) == "train_iter_01"
-    assert proc.wait(timeout=10) == -9
-    assert not (tmp_path / RUNNING_FILE).exists()
-    # a stale record of a finished group (pid reused by someone else, or gone) is only removed
-    atomic_write_json(tmp_path / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": "x"})
-    assert reap_orphan_stage(tmp_path) is None and not (tmp_path / RUNNING_FILE).exists()
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    # the leader starts a grandchild and exits, like a killed stage whose helper process survived it
+    code = "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+           "print(p.pid, flush=True)"
+    for token, reaped in (("tok-1", True), (None, False)):
+        env = dict(os.environ)
+        if token:
+            env[STAGE_TOKEN_ENV] = token
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        child = int(proc.stdout.readline())
+        proc.wait(timeout=10)
+        atomic_write_json(tmp_path / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": "train_iter_01",
+                                                    "token": "tok-1"})
+        assert reap_orphan_stage(tmp_path) == ("train_iter_01" if reaped else None)
+        assert not (tmp_path / RUNNING_FILE).exists()
+        deadline = time.time() + 10
+        while reaped and alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert alive(child) != reaped
+        if not reaped:
+            os.kill(child, 9)
 
 
 def test_server_memory_release_and_resume(tmp_path):

@@ -83,28 +83,41 @@ def parse_config(argv: list[str], cls: Any, prog: str, doc: str) -> Any:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None, cls: type, prog: str, doc: str | None, fn, report) -> int:
+    """Shared body of the engine's commands: parse and validate the config, run `fn(cfg)`, tear down the process
+    groups, print `report(result)` (or nothing for None). Bad config or data exits 2 with the message."""
     from megatron_inpo.config import ConfigError
     from megatron_inpo.data.preferences import DataError
     from megatron_inpo.engine.checkpoint import CheckpointError
-    from megatron_inpo.engine.train import TrainConfig, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_config(argv, TrainConfig, "megatron-inpo train", __doc__)
+        cfg = parse_config(argv, cls, prog, doc)
     except ConfigError as e:
-        print(f"megatron-inpo train: config error: {e}", file=sys.stderr)
+        print(f"{prog}: config error: {e}", file=sys.stderr)
         return 2
     try:
-        result = train(cfg)
+        result = fn(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"megatron-inpo train: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     finally:
         _shutdown()
-    if "final_checkpoint" in result and result.get("rank0", True):
-        print(f"trained: {result['final_checkpoint']}", flush=True)
+    line = report(result)
+    if line:
+        print(line, flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_inpo.engine.train import TrainConfig, train
+
+    def report(result: dict) -> str | None:
+        if "final_checkpoint" in result and result.get("rank0", True):
+            return f"trained: {result['final_checkpoint']}"
+        return None
+
+    return run_command(argv, TrainConfig, "megatron-inpo train", __doc__, train, report)
 
 
 def _shutdown() -> None:

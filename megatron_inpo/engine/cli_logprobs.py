@@ -11,7 +11,6 @@ With no last_checkpoint (iteration 1, pi_1 = pi_ref) the last_* columns are copi
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,24 +142,7 @@ def run_logprobs(cfg: LogprobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_inpo.config import ConfigError
-    from megatron_inpo.data.preferences import DataError
-    from megatron_inpo.engine.checkpoint import CheckpointError
-    from megatron_inpo.engine.cli import _shutdown, parse_config
+    from megatron_inpo.engine.cli import run_command
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(argv, LogprobConfig, "megatron-inpo logprobs", __doc__)
-    except ConfigError as e:
-        print(f"megatron-inpo logprobs: config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = run_logprobs(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"megatron-inpo logprobs: {e}", file=sys.stderr)
-        return 2
-    finally:
-        _shutdown()
-    if summary.get("rank0", True):
-        print(f"logprobs: {summary}", flush=True)
-    return 0
+    return run_command(argv, LogprobConfig, "megatron-inpo logprobs", __doc__, run_logprobs,
+                       lambda summary: f"logprobs: {summary}" if summary.get("rank0", True) else None)

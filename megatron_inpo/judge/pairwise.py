@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.data.batching import left_pad
 from megatron_inpo.judge.base import Comparison, Judge, JudgeConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,16 +64,9 @@ class LocalPairwiseBackend:
     def token_logprobs(self, inputs: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         out: list[list[float]] = []
         for s in range(0, len(inputs), self.batch_size):
-            chunk = inputs[s:s + self.batch_size]
-            L = max(len(x) for x in chunk)
-            ids = torch.full((len(chunk), L), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, x in enumerate(chunk):
-                ids[r, L - len(x):] = torch.tensor(x)
-                mask[r, L - len(x):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=pos.to(self.device), use_cache=False).logits[:, -1, :].float()
+            ids, mask, pos = left_pad(inputs[s:s + self.batch_size], self.pad_id, self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                use_cache=False).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
             out += logp.tolist()
         return out

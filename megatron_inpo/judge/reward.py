@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_inpo.data.batching import left_pad
 from megatron_inpo.judge.base import JudgeConfig, RewardJudge
 from megatron_inpo.judge.pairwise import render_judge_input
 
@@ -43,15 +44,7 @@ class LocalRewardJudge(_RMJudge):
         out: list[float] = []
         head = getattr(self.model, "score", None)
         for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
-            L = max(len(x) for x in chunk)
-            x = torch.full((len(chunk), L), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, seq in enumerate(chunk):
-                x[r, L - len(seq):] = torch.tensor(seq)
-                mask[r, L - len(seq):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            x, mask, pos = x.to(self.device), mask.to(self.device), pos.to(self.device)
+            x, mask, pos = left_pad(seqs[s:s + self.batch_size], self.pad_id, self.device)
             if head is not None:
                 # pool the last position ourselves: the model's own pooling looks for the last non-pad id and
                 # would be fooled by a response that contains the pad id

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_inpo.data.batching import left_pad
 from megatron_inpo.rollout.engine import Completion, RolloutConfig, RolloutEngine, SamplingConfig, Throughput
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,8 @@ class LocalEngine(RolloutEngine):
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig) -> list[Completion]:
         dev = self.device
-        B, L = len(prompts), max(len(p) for p in prompts)
-        pad = self._pad_id()
-        # left padding, so every row's next token sits in the last column
-        input_ids = torch.full((B, L), pad, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, L - len(p):] = torch.tensor(p)
-            mask[r, L - len(p):] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        B, pad = len(prompts), self._pad_id()
+        input_ids, mask, pos = left_pad(prompts, pad, dev)
         seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)
         stop = self._stop_ids(sampling)
         # transformers >= 5.2x renamed past_key_values to cache (the old name warns); support both
