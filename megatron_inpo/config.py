@@ -128,3 +128,53 @@ def validate_all(cfg: Any, where: str = "") -> None:
             validate_all(v, f"{where}{f.name}.")
     if hasattr(cfg, "validate"):
         cfg.validate()
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML config file; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    return data
+
+
+def _deep_merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def merge_yaml(cfg: Any, path: str | os.PathLike) -> Any:
+    """`cfg` with the fields of a YAML file laid on top (nested sections merged); unknown keys name the file."""
+    return from_dict(type(cfg), _deep_merge(to_dict(cfg), read_yaml_mapping(path)), where=str(path))
+
+
+def parse_override_args(tokens: list[str]) -> list[str]:
+    """Command-line overrides `--a.b=v`, `--a.b v` or `a.b=v` as ['a.b=v', ...]; dashes in a flag's name read as
+    underscores (`--micro-batch-size 2`), never in its value."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        flag = tok.startswith("--")
+        key, sep, value = (tok[2:] if flag else tok).partition("=")
+        if flag:
+            key = key.replace("-", "_")
+        if sep:
+            out.append(f"{key}={value}")
+            i += 1
+        elif flag and i + 1 < len(tokens):
+            out.append(f"{key}={tokens[i + 1]}")
+            i += 2
+        elif flag:
+            raise ConfigError(f"flag {tok} needs a value")
+        else:
+            raise ConfigError(f"unexpected argument {tok!r} (overrides are KEY=VALUE or --key value)")
+    return out

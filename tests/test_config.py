@@ -54,3 +54,27 @@ def test_unknown_keys_and_validation_are_named():
     cfg = apply_overrides(Outer(), ["objective.tau=0.01", "objective.eta=0.005"])
     with pytest.raises(ConfigError, match="objective.tau"):
         validate_all(cfg)
+
+
+def test_yaml_on_top_and_command_line_overrides(tmp_path):
+    from megatron_inpo.config import merge_yaml, parse_override_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("inner:\n  k: 3\nlr: 0.25\n")
+    cfg = merge_yaml(Outer(inner=Inner(k=1, name="kept")), f)
+    assert (cfg.inner.k, cfg.inner.name, cfg.lr) == (3, "kept", 0.25)  # nested sections merge, not replace
+    f.write_text("inner:\n  kk: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.inner: unknown field\(s\) \['kk'\]"):
+        merge_yaml(Outer(), f)
+    for text, msg in (("- 1\n", "expected a mapping"), ("a: [1\n", "not valid YAML")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            merge_yaml(Outer(), f)
+    with pytest.raises(ConfigError, match="No such file"):
+        merge_yaml(Outer(), tmp_path / "missing.yaml")
+    assert parse_override_args(["--micro-batch-size", "2", "--data=my-file.jsonl", "a.b=c-d", "--x.y", "-1"]) == [
+        "micro_batch_size=2", "data=my-file.jsonl", "a.b=c-d", "x.y=-1"]
+    with pytest.raises(ConfigError, match="flag --lr needs a value"):
+        parse_override_args(["--lr"])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_override_args(["stray"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str]):
-    from megatron_inpo.config import ConfigError
+    from megatron_inpo.config import parse_override_args
 
     ap = argparse.ArgumentParser(prog="megatron-inpo run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,53 +27,22 @@ def parse_args(argv: list[str]):
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars (stage lines are still printed)")
     args, rest = ap.parse_known_args(argv)
-    overrides: list[str] = []
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        key = tok[2:] if tok.startswith("--") else tok
-        if "=" in key:
-            overrides.append(key)
-            i += 1
-        elif tok.startswith("--") and i + 1 < len(rest):
-            overrides.append(f"{key}={rest[i + 1]}")
-            i += 2
-        else:
-            raise ConfigError(f"unexpected argument {tok!r} (overrides are --key=value)")
+    overrides = parse_override_args(rest)
     return args, overrides
 
 
 def resolve_config(recipe: str | None, config: str | None, overrides: list[str]):
     """Recipe (default tiny_cpu when neither recipe nor config is given), then YAML, then overrides; validated."""
-    import yaml
-
-    from megatron_inpo.config import ConfigError, apply_overrides, from_dict, to_dict, validate_all
+    from megatron_inpo.config import apply_overrides, merge_yaml, validate_all
     from megatron_inpo.driver.config import RunConfig
     from megatron_inpo.driver.recipes import get_recipe
 
     cfg = get_recipe(recipe) if recipe else (RunConfig() if config else get_recipe("tiny_cpu"))
     if config:
-        try:
-            with open(config, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"--config {config}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {config}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {config}: expected a mapping at the top level")
-        merged = _merge(to_dict(cfg), data)
-        cfg = from_dict(RunConfig, merged, where=config)
+        cfg = merge_yaml(cfg, config)
     cfg = apply_overrides(cfg, overrides)
     validate_all(cfg)
     return cfg
-
-
-def _merge(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

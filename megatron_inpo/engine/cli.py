@@ -40,43 +40,15 @@ def field_docs(cls: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def parse_config(argv: list[str], cls: Any, prog: str, doc: str) -> Any:
     """--config YAML, then KEY=VALUE overrides, then --field value flags (last wins); validated."""
-    import yaml
-
-    from megatron_inpo.config import ConfigError, apply_overrides, from_dict, validate_all
+    from megatron_inpo.config import apply_overrides, from_dict, parse_override_args, read_yaml_mapping, validate_all
 
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the config fields")
     parser.epilog = "Other arguments: KEY=VALUE overrides (dotted field names) or --field VALUE flags.\n\nfields:\n" + \
         "\n".join(f"  {name:<30} {text}" for name, text in field_docs(cls))
     args, rest = parser.parse_known_args(argv)
-    overrides: list[str] = []
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith("--"):
-            if "=" in tok:
-                overrides.append(tok)
-                i += 1
-                continue
-            raise ConfigError(f"unexpected argument {tok!r}")
-        key = tok[2:].replace("-", "_")
-        if "=" in key:
-            overrides.append(key)
-            i += 1
-            continue
-        if i + 1 >= len(rest):
-            raise ConfigError(f"flag {tok} needs a value")
-        overrides.append(f"{key}={rest[i + 1]}")
-        i += 2
-    data = {}
-    if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"--config {args.config}: {e.strerror}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {args.config}: expected a mapping at the top level")
+    overrides = parse_override_args(rest)
+    data = read_yaml_mapping(args.config) if args.config else {}
     cfg = from_dict(cls, data, where=args.config or "")
     cfg = apply_overrides(cfg, overrides)
     validate_all(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_inpo.config import ConfigError, apply_overrides, save_yaml, to_dict, validate_all
+from megatron_inpo.config import ConfigError, apply_overrides, merge_yaml, save_yaml, to_dict, validate_all
 from megatron_inpo.files import atomic_write_json
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
@@ -91,25 +91,10 @@ def load_config(path: str | None, overrides: list[str], recipe: str = "default")
         raise ConfigError(f"--recipe: unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
     cfg = RECIPES[recipe]()
     if path:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in _flatten(data)])
+        cfg = merge_yaml(cfg, path)
     cfg = apply_overrides(cfg, overrides)
     validate_all(cfg)
     return cfg
-
-
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """YAML mapping -> dotted KEY=VALUE pairs (values re-serialized as YAML), so a file can sit on a recipe."""
-    out: list[tuple[str, str]] = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
