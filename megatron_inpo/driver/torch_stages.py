@@ -42,11 +42,16 @@ def _batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int = 0):
     return tokens, attn, mask
 
 
-def sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Sum of response-token log-probs of each (prompt_ids, response_ids) [B] (float32)."""
+def token_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every next token [B, L-1] (float32) and the mask of the response-token predictions."""
     tokens, attn, mask = _batch(seqs)
     logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1), mask
+
+
+def sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Sum of response-token log-probs of each (prompt_ids, response_ids) [B] (float32)."""
+    lp, mask = token_logps(model, seqs)
     return (lp * mask).sum(-1)
 
 
@@ -176,10 +181,7 @@ def train_hf(init_dir: str | Path, out_dir: str | Path, n_items: int,
 
 def sft_loss_fn(items: list[tuple[list[int], list[int]]]):
     def fn(model, idx):
-        seqs = [items[i] for i in idx]
-        tokens, attn, mask = _batch(seqs)
-        logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        lp, mask = token_logps(model, [items[i] for i in idx])
         nll = -(lp * mask).sum() / mask.sum()
         return nll, {}
     return fn
