@@ -12,7 +12,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-PORTS = iter(range(29500, 29600))
+# pytest-xdist workers (the device check runs the GPU tests with -n) each get their own block of ports
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+PORTS = iter(range(29500 + 1000 * _WORKER, 29600 + 1000 * _WORKER))
 
 TINY_HF = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64,
@@ -85,6 +87,23 @@ def hf_pair_logps(hf_model, pairs) -> list[tuple[float, float]]:
                 vals.append(float(sum(lsm[P - 1 + j, t] for j, t in enumerate(resp))))
             out.append(tuple(vals))
     return out
+
+
+def sft_step_nll(hf_model, pairs, global_batch: int, seed: int) -> tuple[float, int]:
+    """Reference for step 1 of `train --mode sft`: mean NLL (float64) of the chosen responses of the first global
+    batch in the engine's data order, and its token count."""
+    from megatron_inpo.engine.train import step_items
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in step_items(0, len(pairs), global_batch, seed=seed, shuffle=True):
+            p = pairs[i]
+            ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+            lsm = torch.log_softmax(hf_model(input_ids=ids).logits[0].double(), -1)
+            P = len(p.prompt_ids)
+            nll -= float(sum(lsm[P - 1 + j, t] for j, t in enumerate(p.chosen_ids)))
+            n += len(p.chosen_ids)
+    return nll / n, n
 
 
 def kill_tree(pid: int) -> None:

@@ -206,3 +206,39 @@ def test_cli_errors_name_the_file_and_line_before_starting(tmp_path, capsys):
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_fused_adam_switch_gives_the_same_updates():
+    """fuse_torch_adam turns Megatron's fallback torch AdamW (held as `.optimizer`) to the fused kernel; the
+    updates equal the multi-tensor path's within float32 rounding, weight-decay groups included."""
+    from types import SimpleNamespace
+
+    from megatron_inpo.engine.train import fuse_torch_adam
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+
+    def run(fused: bool):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        adam = torch.optim.AdamW([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:],
+                                  "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+        chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=adam)])
+        if fused:
+            assert fuse_torch_adam(chained) == 2
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            adam.step()
+        return params, adam
+
+    plain, plain_adam = run(False)
+    fused, adam = run(True)
+    assert not any(g["fused"] for g in plain_adam.param_groups)
+    assert all(g["fused"] and not g["foreach"] for g in adam.param_groups)
+    for a, b in zip(plain, fused):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) and not torch.equal(a, torch.zeros_like(a))
+    # a stepped optimizer keeps its path: its CPU `step` tensors would not suit the fused kernel on a GPU
+    assert fuse_torch_adam(SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]))) == 1
+    assert fuse_torch_adam(SimpleNamespace(optimizer=adam)) == 0

@@ -10,16 +10,16 @@ Layout (the project's checkpoint convention, shared with the converter):
             "rng"        per (pp, tp) rank: python / numpy / torch / cuda / Megatron tracker states
             "data"       data position (step, epoch, data file digest) (common)
         megatron_inpo.json         {"format_version": 1, "hf_config", "padded_vocab_size", "tp", "pp", "layer_spec",
-                                    "step", "tokenizer_dir"} -- written last, before the rename
+                                    "step", "tokenizer_dir", "optimizer_format"} -- written last, before the rename
         tokenizer/                 copy of the tokenizer files, when known
 
 Atomicity: every rank writes into `<root>/.step_00000012.tmp-<nonce>`; after all ranks finished, rank 0 writes
 megatron_inpo.json and renames the directory to its final name. Discovery (`latest_checkpoint`) only considers
 `step_*` names holding megatron_inpo.json, so a checkpoint cut by a crash is never picked up.
 
-Loading into a different TP / PP is dist_checkpointing's resharding: the model and the (non-distributed, or
-distributed with the default fully_sharded_model_space format) optimizer reshard; the RNG states only load into
-the layout that saved them (a warning otherwise).
+Loading into a different TP / PP is dist_checkpointing's resharding: the model and the non-distributed optimizer
+reshard; the distributed optimizer's state loads at the TP / PP that saved it (any DP), and a different layout is a
+clear error; the RNG states only load into the layout that saved them (a warning otherwise).
 """
 from __future__ import annotations
 
@@ -153,6 +153,102 @@ def _broadcast_str(s: str) -> str:
     return obj[0]
 
 
+# How optimizer state is laid out in a checkpoint (megatron_inpo.json "optimizer_format"):
+#   "per_parameter"   Megatron's (mixed-precision) optimizer: state sharded like the model, so it loads at any TP/PP/DP.
+#   "dp_reshardable"  the distributed optimizer: each rank's flat buffers; it loads at the same TP and PP.
+# The distributed optimizer's default format, 'fully_sharded_model_space', is rejected by megatron-core 0.16.1's own
+# dist_checkpointing ("ShardedTensor.flattened_range is not supported"), and its 'fully_reshardable' load fails with
+# torch's AdamW (KeyError 'step'); 'dp_reshardable' is Megatron-LM's default for fully parallel saves.
+DIST_OPTIMIZER_FORMAT = "dp_reshardable"
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_format(optimizer) -> str:
+    return DIST_OPTIMIZER_FORMAT if _uses_distributed_optimizer(optimizer) else "per_parameter"
+
+
+def _optimizer_metadata(fmt: str) -> dict:
+    return {"distrib_optim_sharding_type": fmt} if fmt == DIST_OPTIMIZER_FORMAT else {}
+
+
+def _check_optimizer_layout(path: Path, meta: dict, optimizer, same_layout: bool) -> str:
+    """The saved optimizer format, after checking that this optimizer can load it (clear errors, nothing lost)."""
+    saved = meta.get("optimizer_format") or "per_parameter"
+    wanted = _optimizer_format(optimizer)
+    if saved != wanted:
+        raise CheckpointError(
+            f"{path}: optimizer state was saved with use_distributed_optimizer="
+            f"{str(saved == DIST_OPTIMIZER_FORMAT).lower()}; resume with the same setting")
+    if saved == DIST_OPTIMIZER_FORMAT and not same_layout:
+        raise CheckpointError(
+            f"{path}: distributed-optimizer state was saved at TP={meta['tp']} PP={meta['pp']} and loads only at that "
+            f"layout (any DP); resume there, or start a new stage from it as --init-checkpoint (weights only)")
+    return saved
+
+
+def torch_adams(optimizer):
+    """(Megatron optimizer, torch Adam/AdamW inside it) of a Megatron (chained) optimizer."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield opt, inner
+
+
+def _give_adam_state_to_load_into(optimizer) -> None:
+    """Zero Adam state for every parameter of a distributed optimizer that has not stepped yet.
+
+    Without apex or TE, megatron-core 0.16.1's DistributedOptimizer uses torch's AdamW and builds the state dict
+    to load into from `state["step"]` of each parameter, which torch creates only at the first step (an empty
+    state fails an assertion). The load overwrites these values.
+    """
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt, adam in torch_adams(optimizer):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in adam.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                state = adam.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give each parameter of a loaded distributed optimizer its own, correct Adam `step`.
+
+    With torch's AdamW, megatron-core 0.16.1 saves the step in the param groups, puts one shared tensor into every
+    parameter's state on load and then overwrites it with the per-bucket value of the dp_reshardable state, which
+    is not the step (a resumed run restarted Adam's bias correction at 1). torch's AdamW also adds 1 to each entry
+    of its list of steps in place, so a shared tensor would advance once per parameter.
+    """
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt, adam in torch_adams(optimizer):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in adam.param_groups:
+            if group.get("step") is None:
+                continue
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                state = adam.state.get(p)
+                if state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                 device=p.device if on_device else "cpu")
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -211,7 +307,8 @@ def save_to(
     model_sd = _model_sharded(model_chunks)
     sd: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, metadata=_optimizer_metadata(_optimizer_format(optimizer)))
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     if data_state is not None:
@@ -231,6 +328,7 @@ def save_to(
             "step": step,
             "iteration": step,
             "has_optimizer": optimizer is not None,
+            "optimizer_format": _optimizer_format(optimizer) if optimizer is not None else None,
             "has_rng": bool(save_rng),
         }
         if tokenizer_dir:
@@ -266,12 +364,15 @@ def load_checkpoint(
     meta = read_meta(path)
     model_sd = _model_sharded(model_chunks)
     request: dict[str, Any] = {"model": model_sd}
+    same_layout = (meta["tp"], meta["pp"]) == (
+        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     if optimizer is not None:
         if not meta.get("has_optimizer"):
             raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
-        request["optimizer"] = optimizer.sharded_state_dict(_model_sharded(model_chunks), is_loading=True)
-    same_layout = (meta["tp"], meta["pp"]) == (
-        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        saved_format = _check_optimizer_layout(path, meta, optimizer, same_layout)
+        _give_adam_state_to_load_into(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            _model_sharded(model_chunks), is_loading=True, metadata=_optimizer_metadata(saved_format))
     want_rng = load_rng and same_layout and meta.get("has_rng", False)
     if want_rng:
         request["rng"] = _rng_sharded(None)
@@ -287,7 +388,11 @@ def load_checkpoint(
     if strict and missing:
         raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        import torch
+
+        with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     if scheduler is not None:
         common = dist_checkpointing.load_common_state_dict(str(path))
         if "scheduler" in common:
