@@ -261,6 +261,35 @@ def scenario_parity(out: Path) -> None:
     check("latest_checkpoint finds it", torch.tensor(float(C.latest_checkpoint(out / "ckpts") == saved)),
           torch.tensor(1.0), 0)
 
+    # A model whose modules carry TE's `_extra_state` (with TE installed even the final norm is TE's) loads a
+    # checkpoint that holds none; a key that is not `_extra_state` and not in the checkpoint is a clear error.
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    from megatron.core import parallel_state as ps
+
+    real = C._model_sharded
+    extra = {"decoder.final_layernorm._extra_state": lambda: ShardedObject(
+        "decoder.final_layernorm._extra_state", None, (1,), (0,), replica_id=0)}
+    last = ps.is_pipeline_last_stage()  # the final norm lives on the last stage only
+    C._model_sharded = lambda chunks: {**real(chunks), **({k: f() for k, f in extra.items()} if last else {})}
+    try:
+        C.load_checkpoint(saved, model2, load_rng=False)  # model2: the PP=2 model above
+        got = logits_of(model2, batch)
+        if got is not None:
+            check("TE _extra_state absent from the checkpoint: loads, same logits", got, want, 1e-5)
+        extra["decoder.stray_weight"] = lambda: ShardedTensor.from_rank_offsets(
+            "decoder.stray_weight", torch.zeros(3), replica_id=(0, 0, 0))
+        try:
+            C.load_checkpoint(saved, model2, load_rng=False)
+            named = False
+        except C.CheckpointError as e:
+            named = "decoder.stray_weight" in str(e) and str(saved) in str(e)
+        if last:  # the stage that asks for the stray key is the one that fails (and so ends the job)
+            check("a weight absent from the checkpoint: CheckpointError naming it", torch.tensor(float(named)),
+                  torch.tensor(1.0), 0)
+    finally:
+        C._model_sharded = real
+
 
 def scenario_tp2pp2(out: Path) -> None:
     vocab = TINY_HF["vocab_size"]

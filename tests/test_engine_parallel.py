@@ -61,7 +61,9 @@ def test_distributed_optimizer_and_checkpoint_resharding(parity):
     TP=1 and PP=2 with the same logits; latest_checkpoint finds it."""
     _, results = parity
     _assert_checks(results, ["optimizer step moved the weights (> 1e-4)", "TP=2 checkpoint -> TP=1 logits",
-                             "TP=2 checkpoint -> PP=2 logits", "latest_checkpoint finds it"])
+                             "TP=2 checkpoint -> PP=2 logits", "latest_checkpoint finds it",
+                             "TE _extra_state absent from the checkpoint: loads, same logits",
+                             "a weight absent from the checkpoint: CheckpointError naming it"])
     assert sum(c["name"].startswith("distributed optimizer param") for c in results) == 2 * 27
 
 

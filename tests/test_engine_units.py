@@ -123,6 +123,10 @@ def test_train_config_validation():
                       precision="bf16", fp8_recipe="tensorwise")
     gpu.validate()
     assert gpu.validate_runtime(8, cuda=True) == 8
+    # FP8 GEMMs need 16-row multiples per rank: the padding follows (8 -> 16; x TP under sequence parallelism)
+    assert gpu.batch_pad_multiple() == 16 and TrainConfig(pad_multiple=8).batch_pad_multiple() == 8
+    assert TrainConfig(fp8="hybrid", layer_spec="te", precision="bf16", tensor_model_parallel_size=4,
+                       sequence_parallel=True, pad_multiple=8).batch_pad_multiple() == 64
     with pytest.raises(ConfigError, match="fp8|bf16"):
         gpu.validate_runtime(1, cuda=False)
     with pytest.raises(ConfigError, match="does not divide"):

@@ -48,8 +48,13 @@ def test_fp8_divisibility_checked(monkeypatch):
         ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(arch)
     with pytest.raises(ConfigError, match="precision 'bf16'"):
         ModelConfig(fp8="hybrid", precision="fp32", layer_spec="te").validate(arch)
-    ModelConfig(fp8="hybrid", fp8_recipe="current", precision="bf16", layer_spec="te").validate(
-        LlamaArch.from_hf(tiny_config(num_attention_heads=4)))
+    ok = LlamaArch.from_hf(tiny_config(num_attention_heads=4))
+    ModelConfig(fp8="hybrid", fp8_recipe="current", precision="bf16", layer_spec="te").validate(ok)
+    # per tensor-parallel rank: an FFN of 96 splits into 3 x 32 (fine) but 4 x 24 (not a multiple of 16)
+    ffn96 = LlamaArch.from_hf(tiny_config(num_attention_heads=4, intermediate_size=96))
+    ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=2)
+    with pytest.raises(ConfigError, match="intermediate_size / TP = 96 / 4 divisible by 16"):
+        ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=4)
 
 
 def test_hf_config_errors():

@@ -11,6 +11,10 @@ training code path, engine/train.py StepRunner). Baseline: transformers with tor
 own subprocess (clean peak memory); the parent prints one JSON line per implementation and the ratios.
 FLOPs: notes/05 formula (engine/metrics.py), counted on all tokens; MFU against --peak-tflops (default: H100 dense
 bf16 989, or 1979 with --fp8; none on CPU).
+Not the same arithmetic, by design: the baseline is what TRL-style users run, AdamW straight on bf16 weights (bf16
+moments, no master copy: at the paper's lr of 5e-7 most of its updates round away). The engine keeps fp32 master
+weights, fp32 gradients and fp32 moments (Megatron's mixed precision), so it moves more bytes per step and its peak
+memory ratio is not like for like.
 """
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ def run_engine(a) -> list[float]:
     model = wrap_ddp(built.model, cfg, precision)
     opt, sched = build_optimizer(cfg, model, precision, total_steps=1000)
     pairs = synthetic_pairs(a, a.micro_batch)
-    batch = make_pair_batch(pairs, indices=range(a.micro_batch))
+    # FP8 GEMMs need token rows in multiples of 16, as training pads them (TrainConfig.batch_pad_multiple)
+    batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=16 if a.fp8 else 1)
     runner = StepRunner("preference", ObjectiveConfig(), built.vocab_size, rt.device)
     times = []
     for _ in range(a.steps + a.warmup):
@@ -82,6 +87,9 @@ def run_engine(a) -> list[float]:
         sched.step(1)
         sync(rt.cuda)
         times.append(time.perf_counter() - t)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     return times
 
 

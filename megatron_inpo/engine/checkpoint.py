@@ -379,10 +379,24 @@ def load_checkpoint(
     elif load_rng and meta.get("has_rng"):
         log.warning("%s: saved at TP=%s PP=%s; RNG states are per-rank and are not restored in a new layout",
                     path, meta["tp"], meta["pp"])
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    # Our own checkpoints hold TE's FP8 scaling state (delayed recipe) as a pickle, which recent TE loads only when
+    # told to; they are written by this code, so they are trusted.
+    os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
     try:
-        loaded = dist_checkpointing.load(request, str(path))
+        # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
+        # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
+        # which a converter output or a checkpoint written without TE does not hold. Anything else is an error.
+        loaded, _, unexpected = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. {absent[:6]} "
+                              f"(a different architecture, or a model-only checkpoint?)")
+    if unexpected:
+        log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
     result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if strict and missing:

@@ -25,6 +25,7 @@ transformer_engine is imported only in this module, lazily, and only when CUDA i
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -207,8 +208,9 @@ class ModelConfig:
             return "te" if te_available() else "local"
         return self.layer_spec
 
-    def validate(self, arch: Optional[LlamaArch] = None) -> None:
-        """Raise ConfigError naming the field; with `arch`, also check the FP8 size constraints."""
+    def validate(self, arch: Optional[LlamaArch] = None, tp: int = 1) -> None:
+        """Raise ConfigError naming the field; with `arch`, also check the FP8 size constraints of each of the
+        `tp` tensor-parallel ranks (TP splits the FFN and the attention heads)."""
         if self.precision not in PRECISIONS:
             raise ConfigError(f"model.precision={self.precision!r}: expected one of {PRECISIONS}")
         if self.layer_spec not in LAYER_SPECS:
@@ -240,6 +242,13 @@ class ModelConfig:
                             ("head_dim", arch.head_dim)):
                 if n % 16:
                     raise ConfigError(f"model.fp8: FP8 GEMMs need config.json {name}={n} divisible by 16")
+            per_rank = (("intermediate_size / TP", arch.intermediate_size, arch.intermediate_size // max(tp, 1)),
+                        ("num_attention_heads * head_dim / TP", arch.num_heads * arch.head_dim,
+                         arch.num_heads * arch.head_dim // max(tp, 1)))
+            for name, n, local in per_rank:
+                if tp > 1 and (n % tp or local % 16):
+                    raise ConfigError(f"model.fp8: FP8 GEMMs need {name} = {n} / {tp} divisible by 16 on each "
+                                      f"tensor-parallel rank; use a smaller tensor_model_parallel_size")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,15 +291,17 @@ def _sdpa_core_attention_cls():
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             # [s, b, n, d] -> [b, n, s, d]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-            if self.heads != self.groups:
-                rep = self.heads // self.groups
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
             dropout = self.dropout if self.training else 0.0
             if attention_mask is None:
+                # GQA inside the kernel (flash attention reads each K/V head for its query group): no K/V copies
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
-                                                     is_causal=mask_type == self._causal)
+                                                     is_causal=mask_type == self._causal,
+                                                     enable_gqa=self.heads != self.groups)
             else:  # Megatron masks are True where attention is NOT allowed
+                if self.heads != self.groups:  # with a mask the flash kernel is out; others need equal heads
+                    rep = self.heads // self.groups
+                    k = k.repeat_interleave(rep, dim=1)
+                    v = v.repeat_interleave(rep, dim=1)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask.bool(),
                                                      dropout_p=dropout, scale=self.softmax_scale)
             # [b, n, sq, d] -> [sq, b, n*d]
@@ -339,6 +350,16 @@ class Built:
     config: Optional[ModelConfig] = None
 
 
+def can_compile() -> bool:
+    """Whether torch.compile (Inductor / Triton) can build kernels here: it needs a C compiler and Python.h."""
+    import shutil
+    import sysconfig
+
+    cc = os.environ.get("CC", "gcc")
+    has_cc = shutil.which(cc) is not None or shutil.which("cc") is not None
+    return has_cc and os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+
+
 def transformer_config(arch: LlamaArch, cfg: ModelConfig):
     """Megatron TransformerConfig for `arch`; TP/PP sizes mirror parallel_state (else every stage builds all
     layers silently)."""
@@ -363,9 +384,11 @@ def transformer_config(arch: LlamaArch, cfg: ModelConfig):
         hidden_dropout=0.0, attention_dropout=0.0,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=not cuda, sequence_parallel=cfg.sequence_parallel,
-        # fused kernels exist only on CUDA (and some only with apex / TE)
+        # fused kernels exist only on CUDA (and some only with apex / TE); the SwiGLU and bias-dropout-add
+        # fusions are torch.compile, which needs a C compiler and Python's headers where the job runs
         gradient_accumulation_fusion=False, persist_layer_norm=False, masked_softmax_fusion=False,
-        bias_activation_fusion=cuda, bias_dropout_fusion=cuda, apply_rope_fusion=False,
+        bias_activation_fusion=cuda and can_compile(), bias_dropout_fusion=cuda and can_compile(),
+        apply_rope_fusion=False,
         **kw,
     )
 
@@ -383,8 +406,8 @@ def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None
                                 fp8_recipe=fp8_recipe, sequence_parallel=sequence_parallel,
                                 recompute_activations=recompute_activations)
     arch = LlamaArch.from_hf(hf_config)
-    cfg.validate(arch)
     tp = ps.get_tensor_model_parallel_world_size()
+    cfg.validate(arch, tp)
     arch.check_tp(tp)
     arch.check_pp(ps.get_pipeline_model_parallel_world_size())
     if padded_vocab_size is None:

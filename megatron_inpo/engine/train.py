@@ -197,6 +197,14 @@ class TrainConfig:
         if self.peak_tflops < 0:
             raise ConfigError(f"peak_tflops: must be >= 0, got {self.peak_tflops}")
 
+    def batch_pad_multiple(self) -> int:
+        """pad_multiple, raised for FP8: TE's FP8 GEMMs need each rank's token rows divisible by 16, and under
+        sequence parallelism a sequence is split over the TP ranks. Padding is masked, so values do not change."""
+        if not self.fp8:
+            return self.pad_multiple
+        need = 16 * (self.tensor_model_parallel_size if self.sequence_parallel else 1)
+        return math.lcm(self.pad_multiple, need)
+
     def validate_runtime(self, world_size: int, cuda: bool) -> int:
         """Checks that need the launch: returns the data-parallel size."""
         mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -639,7 +647,7 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(start, steps):
             idx = step_items(step, len(items), cfg.global_batch_size, cfg.seed, cfg.shuffle)
             mbs = split_micro_batches(idx, lengths, cfg.micro_batch_size, runtime.dp_size, dp_rank)
-            batches = make_batches(items, mbs, cfg.pad_multiple, cfg.mode)
+            batches = make_batches(items, mbs, cfg.batch_pad_multiple(), cfg.mode)
             if runtime.cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
