@@ -200,13 +200,15 @@ def forward_pair_logps(
         return lp.sum() * 0.0, {"chosen": lp[:B].detach(), "rejected": lp[B:].detach(), "indices": batch.indices}
 
     def forward_step(data_iterator: Iterator[SequenceBatch], chunk):
-        b = next(data_iterator).to(device)
+        b = next(data_iterator)
         out = chunk(b.tokens, b.position_ids, attention_mask=None)
         return out, lambda o: loss_func(b, o)
 
+    # on the device before the schedule: a blocking copy inside it would wait for the queued forward
+    staged = [b.to(device) for b in batches]
     with torch.no_grad():
         store = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            forward_step_func=forward_step, data_iterator=iter(staged), model=model,
             num_microbatches=len(batches), seq_length=S, micro_batch_size=mbs, forward_only=True,
         )
     if not ps.is_pipeline_last_stage():

@@ -342,7 +342,7 @@ class StepRunner:
         self.device = device
         self.collected: list[dict[str, torch.Tensor]] = []
 
-    def _loss(self, batch, items, output):
+    def _loss(self, batch, cols, output):
         from megatron_inpo.engine.logprobs import sequence_logps, token_logps
         from megatron_inpo.objectives import PairLogps, compute_objective
 
@@ -353,7 +353,6 @@ class StepRunner:
             return nll, n, {"nll_sum": nll.detach()}
         lp = sequence_logps(output, batch, self.vocab_size)
         B = batch.num_pairs
-        cols = _frozen_columns([items[i] for i in batch.indices], lp.device)
         logps = PairLogps(policy_chosen=lp[:B], policy_rejected=lp[B:], **cols)
         loss, _ = compute_objective(self.objective, logps, reduction="sum")
         self.collected.append({f.name: (getattr(logps, f.name).detach() if getattr(logps, f.name) is not None
@@ -364,15 +363,19 @@ class StepRunner:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.collected = []
+        # Every micro-batch and its frozen log-prob columns go to the device before the schedule starts: inside
+        # it, each blocking copy (or tensor built in the loss) would hold the CPU until the queued forward ran.
+        staged = [(b.to(self.device), None if self.mode == "sft" else
+                   _frozen_columns([items[i] for i in b.indices], self.device)) for b in batches]
 
         def forward_step(data_iterator, chunk):
-            b = next(data_iterator).to(self.device)
+            b, cols = next(data_iterator)
             out = chunk(b.tokens, b.position_ids, attention_mask=None)
-            return out, lambda o: self._loss(b, items, o)
+            return out, lambda o: self._loss(b, cols, o)
 
         rows = batches[0].tokens.shape[0]
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            forward_step_func=forward_step, data_iterator=iter(staged), model=model,
             num_microbatches=len(batches), seq_length=batches[0].seq_len, micro_batch_size=rows,
             forward_only=forward_only,
         )
