@@ -89,6 +89,13 @@ def hf_pair_logps(hf_model, pairs) -> list[tuple[float, float]]:
     return out
 
 
+def write_sft_data(path: Path, pairs) -> Path:
+    """SFT JSONL of the chosen responses of `pairs` (what `train --mode sft` reads)."""
+    path.write_text("".join(json.dumps({"prompt_ids": p.prompt_ids, "response_ids": p.chosen_ids}) + "\n"
+                            for p in pairs))
+    return path
+
+
 def sft_step_nll(hf_model, pairs, global_batch: int, seed: int) -> tuple[float, int]:
     """Reference for step 1 of `train --mode sft`: mean NLL (float64) of the chosen responses of the first global
     batch in the engine's data order, and its token count."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine_helpers import (PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree, make_pairs, sft_step_nll,
-                            tiny_hf_model, write_pairs)
+                            tiny_hf_model, write_pairs, write_sft_data)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -104,8 +104,7 @@ def test_sft_step_on_gpu_equals_transformers(tiny, tmp_path):
 
     pairs = read_preferences(tiny / "train_pairs.jsonl")
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt_ids": p.prompt_ids, "response_ids": p.chosen_ids}) + "\n"
-                            for p in pairs))
+    write_sft_data(data, pairs)
     out = tmp_path / "sft"
     proc = _cli("train", "--mode", "sft", "--data", str(data), "--init-checkpoint", str(tiny / "ckpt"),
                 "--output-dir", str(out), "--global-batch-size", "8", "--micro-batch-size", "4", "--train-iters",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine_helpers import (PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree, sft_step_nll,
-                            tiny_hf_model, torchrun)
+                            tiny_hf_model, torchrun, write_sft_data)
 
 pytestmark = pytest.mark.slow
 
@@ -233,8 +233,7 @@ def test_sft_cli_single_process_loss_equals_transformers(parity, tmp_path):
     src, _ = parity
     pairs = read_preferences(src / "train_pairs.jsonl")
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt_ids": p.prompt_ids, "response_ids": p.chosen_ids}) + "\n"
-                            for p in pairs))
+    write_sft_data(data, pairs)
     out = tmp_path / "sft"
     proc = subprocess.run([PY, "-m", "megatron_inpo", "train", "--mode", "sft", "--data", str(data),
                            "--init-checkpoint", str(src / "init_ckpt"), "--output-dir", str(out),

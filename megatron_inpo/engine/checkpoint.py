@@ -162,10 +162,15 @@ def _broadcast_str(s: str) -> str:
 DIST_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
+def _parts(optimizer) -> list:
+    """The optimizers inside a Megatron ChainedOptimizer (or the one given)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _uses_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(o, DistributedOptimizer) for o in _parts(optimizer))
 
 
 def _optimizer_format(optimizer) -> str:
@@ -195,10 +200,30 @@ def torch_adams(optimizer):
     """(Megatron optimizer, torch Adam/AdamW inside it) of a Megatron (chained) optimizer."""
     import torch
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _parts(optimizer):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             yield opt, inner
+
+
+def _distributed_adam_params(optimizer):
+    """(torch Adam, param group, parameter) of every parameter that a distributed optimizer updates with torch's
+    Adam/AdamW (the fallback without apex or TE, where megatron-core 0.16.1 needs the two repairs below)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt, adam in torch_adams(optimizer):
+        if isinstance(opt, DistributedOptimizer):
+            for group in adam.param_groups:
+                for p in group["params"]:
+                    yield adam, group, p
+
+
+def _adam_step(value: float, group: dict, param):
+    """A `step` tensor as torch's Adam keeps it: on the parameter's device for fused / capturable groups."""
+    import torch
+
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(value), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def _give_adam_state_to_load_into(optimizer) -> None:
@@ -209,19 +234,13 @@ def _give_adam_state_to_load_into(optimizer) -> None:
     state fails an assertion). The load overwrites these values.
     """
     import torch
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt, adam in torch_adams(optimizer):
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        for group in adam.param_groups:
-            on_device = group.get("fused") or group.get("capturable")
-            for p in group["params"]:
-                state = adam.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for adam, group, p in _distributed_adam_params(optimizer):
+        state = adam.state[p]
+        if not state:
+            state["step"] = _adam_step(0, group, p)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -232,21 +251,10 @@ def _restore_adam_steps(optimizer) -> None:
     is not the step (a resumed run restarted Adam's bias correction at 1). torch's AdamW also adds 1 to each entry
     of its list of steps in place, so a shared tensor would advance once per parameter.
     """
-    import torch
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt, adam in torch_adams(optimizer):
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        for group in adam.param_groups:
-            if group.get("step") is None:
-                continue
-            on_device = group.get("fused") or group.get("capturable")
-            for p in group["params"]:
-                state = adam.state.get(p)
-                if state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
-                                                 device=p.device if on_device else "cpu")
+    for adam, group, p in _distributed_adam_params(optimizer):
+        state = adam.state.get(p)
+        if state and group.get("step") is not None:
+            state["step"] = _adam_step(group["step"], group, p)
 
 
 def save_checkpoint(

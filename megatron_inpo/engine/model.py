@@ -374,6 +374,7 @@ def transformer_config(arch: LlamaArch, cfg: ModelConfig):
                   fp8_amax_compute_algo="max")
     if cfg.recompute_activations:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    compiled_fusions = cuda and can_compile()
     return TransformerConfig(
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
@@ -387,8 +388,7 @@ def transformer_config(arch: LlamaArch, cfg: ModelConfig):
         # fused kernels exist only on CUDA (and some only with apex / TE); the SwiGLU and bias-dropout-add
         # fusions are torch.compile, which needs a C compiler and Python's headers where the job runs
         gradient_accumulation_fusion=False, persist_layer_norm=False, masked_softmax_fusion=False,
-        bias_activation_fusion=cuda and can_compile(), bias_dropout_fusion=cuda and can_compile(),
-        apply_rope_fusion=False,
+        bias_activation_fusion=compiled_fusions, bias_dropout_fusion=compiled_fusions, apply_rope_fusion=False,
         **kw,
     )
 
