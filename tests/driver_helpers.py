@@ -39,3 +39,20 @@ def tensors(hf_dir: str | Path) -> dict:
         out.update(load_file(str(f)))
     return out
 
+
+
+def task_server():
+    """A stateful fake SGLang server (tests/rollout_helpers.py) serving the synthetic task's vocabulary, so the
+    driver's rollout stage can run on it and the in-process torch stages train on what it samples."""
+    from megatron_inpo.task.vocab import EOS, SPECIAL, WORDS
+    from rollout_helpers import FakeSGLang
+
+    specials = {WORDS.index(w) for w in SPECIAL}
+    return FakeSGLang(vocab=len(WORDS), eos_id=WORDS.index(EOS), eos_prob=0.2,
+                      decode=lambda ids: " ".join(WORDS[i] for i in ids if i not in specials))
+
+
+def sglang_overrides(url: str) -> list[str]:
+    """Rollout on SGLang at `url` with the servers' memory released around the training stages."""
+    return ["--server_memory_saver=true", "--rollout.backend=sglang", f"--rollout.server_urls=[{url}]",
+            "--rollout.max_retries=0"]

@@ -16,6 +16,38 @@ PY = sys.executable
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 PORTS = iter(range(29500 + 1000 * _WORKER, 29600 + 1000 * _WORKER))
 
+# Tolerances of the engine's parity checks (tests/engine_worker.py), per precision. Each bf16 run is compared with
+# the single-process bf16 reference (the same bf16 weights, plain autograd over the whole batch), except the
+# log-probs, compared with transformers in fp32 / float64. bf16 has 8 mantissa bits: each rounding is off by up to
+# 2^-9 relative (2^-8 = 3.9e-3 between neighbours); a TP / PP / DP split sums partial results (attention and MLP
+# outputs, micro-batch gradients) in another order and rounds them at other points, which moves a result by a few
+# bf16 ulps. "measured" is the largest error over all layouts on CPU (torch 2.13, megatron-core 0.16.1, 2026-12-01);
+# each tolerance leaves a margin of 2.5-8x over it and stays far below what a real error gives (a wrong weight
+# mapping or a missed gradient reduction is off by 10-100%, a token's log-prob by whole nats).
+PARITY_TOL = {
+    "fp32": {"loss": 1e-5, "metric h_mean": 1e-4, "metric h_std": 1e-4, "metric accuracy": 1e-4,
+             "metric margin": 1e-4, "grad": 2e-5, "logps": 2e-4, "optimizer": 1e-6, "logits": 1e-5},
+    "bf16": {
+        # relative; INPO loss ~1.1e4 (measured 2.5e-5) and SFT mean NLL ~4.6 (4.6e-5): the log-softmax runs in
+        # fp32 on bf16 logits, so the per-token log-prob error (~1e-3 abs) enters, averaged over the batch
+        "loss": 2e-4,
+        # absolute, |h| and margin ~4 (measured 1.5e-3: sums of ~1e-3 log-prob errors); accuracy counts signs of
+        # margins far from 0 at this seed (measured 0)
+        "metric h_mean": 1e-2, "metric h_std": 1e-2, "metric margin": 1e-2, "metric accuracy": 1e-4,
+        # relative to the largest entry of each gradient (measured 2.0e-2): the reference rounds every op of the
+        # backward to bf16 (2^-9 each, compounding over 4 layers), the schedule accumulates micro-batches in fp32
+        "grad": 5e-2,
+        # absolute, sums of up to 9 response tokens, |logp| up to 41 (measured 3.7e-3): bf16-rounded weights and
+        # activations vs transformers in fp32
+        "logps": 2e-2,
+        # distributed vs plain optimizer at DP=2 (measured 0): a two-rank sum is the same in either order and both
+        # run the same AdamW on the same fp32 masters, so the bf16 weights agree bit for bit
+        "optimizer": 0.0,
+        # absolute, |logit| <= 0.41, where a bf16 ulp is 2^-9 = 2.0e-3 (measured 2.9e-3, 1.5 ulps): 5 ulps
+        "logits": 1e-2,
+    },
+}
+
 TINY_HF = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -147,3 +179,36 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300, env: dict | None =
 
 def read_results(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a checkpoint in the TP=1 / PP=1 layout (layers stacked), read straight from the
+    dist-checkpoint files without a process group; optimizer state and RNG are left out."""
+    from megatron_inpo.convert.mcore_to_hf import CheckpointReader
+
+    layers = json.loads((Path(ckpt_dir) / "megatron_inpo.json").read_text())["hf_config"]["num_hidden_layers"]
+    reader = CheckpointReader(Path(ckpt_dir), layers)
+    return {k: reader.read(k, tuple(md.size)) for k, md in reader.meta.items()
+            if not k.startswith(("optimizer.", "rng"))}
+
+
+def lr0_stage_args(data: Path, init_ckpt: Path, out: Path, *extra: str) -> list[str]:
+    """`megatron-inpo train` arguments for one bf16 step of size exactly 0 from `init_ckpt`: the first step of a
+    warm-up from 0 has lr 0 (Megatron's OptimizerParamScheduler, init_lr 0), weight decay is 0, so AdamW adds
+    exactly 0 to every master weight; the step is saved (step_00000001) and the run stops."""
+    return ["train", "--data", str(data), "--init-checkpoint", str(init_ckpt), "--output-dir", str(out),
+            "--precision", "bf16", "--global-batch-size", "4", "--micro-batch-size", "1", "--train-iters", "2",
+            "--warmup-ratio", "0.5", "--lr", "1e-3", "--weight-decay", "0", "--save-interval", "1",
+            "--stop-after-steps", "1", "--progress", "false", *extra]
+
+
+def lr0_step_weight_changes(init_ckpt: Path, out: Path) -> dict[str, float]:
+    """Per tensor, max |saved - loaded| after the lr-0 step of `lr0_stage_args` (loaded: the init checkpoint's
+    weights rounded to bf16, as loading them into the bf16 model does). Asserts the run was a real step."""
+    step1 = json.loads((Path(out) / "tensorboard" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step1["step"] == 1 and step1["lr"] == 0.0 and step1["grad_norm"] > 0  # a real step, of size 0
+    loaded = {k: v.to(torch.bfloat16) for k, v in checkpoint_weights(init_ckpt).items()}
+    saved = checkpoint_weights(Path(out) / "checkpoints" / "step_00000001")
+    assert saved.keys() == loaded.keys()
+    assert all(v.dtype == torch.bfloat16 for v in saved.values()), "not a bf16 run: the check would be vacuous"
+    return {k: (saved[k].float() - loaded[k].float()).abs().max().item() for k in loaded}

@@ -130,35 +130,18 @@ def test_orphaned_stage_group_is_reaped(tmp_path):
 
 
 def test_server_memory_release_and_resume(tmp_path):
-    """server_memory_saver: release before Megatron stages, resume before rollout (SGLang's endpoints)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """server_memory_saver: release before Megatron stages, resume before rollout, each sent once, against the
+    stateful fake (which dies, as SGLang does, on a second release or a resume of unreleased memory)."""
+    from rollout_helpers import FakeSGLang
 
-    seen = []
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-            seen.append((self.path, body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"success": true}')
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    with FakeSGLang() as srv:
         cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r") + [
-            "server_memory_saver=true", "rollout.backend=sglang", f"rollout.server_urls=[{url}]"])
+            "server_memory_saver=true", "rollout.backend=sglang", f"rollout.server_urls=[{srv.url}]"])
         d = Driver(cfg, progress=False, out=lambda s: None)
         d.server_memory("release")
         d.server_memory("release")  # already released: no second request
         d.server_memory("resume")
-    finally:
-        srv.shutdown()
-    assert seen == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
-                    ("/resume_memory_occupation", {"tags": ["weights", "kv_cache"]})]
+    memory_calls = [(p, b) for p, b in srv.requests if p.endswith("_memory_occupation")]
+    assert memory_calls == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
+                            ("/resume_memory_occupation", {"tags": ["weights", "kv_cache"]})]
+    assert srv.fatal is None and srv.released == set() and not srv.refused

@@ -2,7 +2,8 @@
 
 The same single-process checks as the CPU suite, now on the GPU: converter output loaded into the local and the
 TE layer spec gives transformers' log-probs; the SFT step-1 loss equals transformers' NLL; a SIGKILLed training
-run resumes to the uninterrupted curve; the INPO step runs in bf16 and FP8 and reports throughput. On one GPU only
+run resumes to the uninterrupted curve; a bf16 stage starts from the weights it loads (one step at lr 0 changes
+none, plain and distributed optimizer); the INPO step runs in bf16 and FP8 and reports throughput. On one GPU only
 one process can hold it under NCCL, so the TP/PP/DP parity checks stay in the CPU suite (test_engine_parallel).
 Run them all with `bash tools/device_check.sh` on a lent GPU machine.
 """
@@ -14,8 +15,9 @@ import time
 import pytest
 import torch
 
-from engine_helpers import (PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree, make_pairs, sft_step_nll,
-                            tiny_hf_model, write_pairs, write_sft_data)
+from engine_helpers import (PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree, lr0_stage_args,
+                            lr0_step_weight_changes, make_pairs, sft_step_nll, tiny_hf_model, write_pairs,
+                            write_sft_data)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -116,6 +118,19 @@ def test_sft_step_on_gpu_equals_transformers(tiny, tmp_path):
     nll, n = sft_step_nll(hf, pairs, 8, seed=11)
     assert got[0]["loss"] == pytest.approx(nll, abs=2e-4) and got[0]["tokens"] == n
     assert got[1]["loss"] != got[0]["loss"]
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain_optimizer", "distributed_optimizer"])
+def test_bf16_stage_on_gpu_starts_from_the_init_checkpoint(tiny, tmp_path, distributed):
+    """One bf16 step at lr 0 on CUDA saves exactly the weights loaded from --init-checkpoint: the optimizer's fp32
+    master weights were refreshed after the load (else the step writes back the random init). On one GPU the
+    distributed optimizer runs at DP=1: one rank holds all masters, through the same copy paths."""
+    out = tmp_path / "stage"
+    args = lr0_stage_args(tiny / "train_pairs.jsonl", tiny / "ckpt", out, "--layer-spec", "local")
+    proc = _cli(*args, *(["--use-distributed-optimizer", "true"] if distributed else []))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    moved = lr0_step_weight_changes(tiny / "ckpt", out)
+    assert all(v == 0.0 for v in moved.values()), f"weights changed by a step of lr 0 (max |diff| per tensor): {moved}"
 
 
 def _train(tiny, out, precision):

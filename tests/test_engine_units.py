@@ -129,6 +129,9 @@ def test_train_config_validation():
                        sequence_parallel=True, pad_multiple=8).batch_pad_multiple() == 64
     with pytest.raises(ConfigError, match="fp8|bf16"):
         gpu.validate_runtime(1, cuda=False)
+    # bf16 without FP8 runs on CPU too (Megatron's bf16 optimizers work under gloo; the CPU suite tests them)
+    assert TrainConfig(data="d", init_checkpoint="c", output_dir="o", precision="bf16").validate_runtime(
+        2, cuda=False) == 2
     with pytest.raises(ConfigError, match="does not divide"):
         TrainConfig(data="d", init_checkpoint="c", output_dir="o", tensor_model_parallel_size=2).validate_runtime(
             3, cuda=False)

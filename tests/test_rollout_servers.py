@@ -62,3 +62,24 @@ def test_server_that_dies_is_reported(tmp_path):
                              command=[sys.executable, "-c", "import sys; print('CUDA error: no GPU'); sys.exit(3)"])
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*CUDA error: no GPU"):
         start_servers(cfg, tmp_path / "s.json", wait_timeout_s=30, poll_s=0.1)
+
+
+def test_per_server_fractions_and_deterministic_flag(tmp_path):
+    """A server sharing its GPU gets its own --mem-fraction-static (launch/sglang_servers.py plan); seeded rollouts
+    need --enable-deterministic-inference (SGLang ignores sampling_seed without it)."""
+    from megatron_inpo.config import ConfigError
+
+    state = tmp_path / "servers.json"
+    cfg = ServerLaunchConfig(model_path=str(tmp_path), num_servers=2, base_port=free_port_pair(), command=FAKE,
+                             log_dir=str(tmp_path / "logs"), mem_fractions=[0.373, 0.873], deterministic=True)
+    start_servers(cfg, state, wait_timeout_s=60, poll_s=0.1)
+    try:
+        argv = [s["argv"] for s in read_state(state)]
+    finally:
+        assert stop_servers(state) == 2
+    assert [a[a.index("--mem-fraction-static") + 1] for a in argv] == ["0.373", "0.873"]
+    assert all("--enable-deterministic-inference" in a for a in argv)
+    for bad, field in ((dict(mem_fractions=[0.5]), "servers.mem_fractions: 1 values for 2 servers"),
+                       (dict(mem_fractions=[0.5, 1.0]), "servers.mem_fractions: each must be in")):
+        with pytest.raises(ConfigError, match=field):
+            ServerLaunchConfig(model_path="m", num_servers=2, **bad).validate()

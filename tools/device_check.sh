@@ -9,6 +9,9 @@
 #   3. bench_fp8.jsonl  the same with TE FP8 (hybrid, delayed scaling), only where TE imports; target >= 1.3
 #   4. pytest_gpu.log   tests marked gpu: log-probs == transformers on the GPU (local and TE spec, fp32 and bf16),
 #                       SFT loss == transformers, SIGKILL + resume == uninterrupted, bf16 / FP8 steps, rollout
+#   (4a) pytest_bf16_load.log, run first and on its own so that its result shows whatever else fails: a bf16
+#                       stage keeps the weights it loads through one step at lr 0, plain and distributed optimizer
+#                       (the fp32 master weights are refreshed after the load)
 # A step that fails is logged and the next one still runs; the exit status is that of the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,10 +59,15 @@ else
     note "Transformer Engine does not import: no FP8 bench (see env.json)"
 fi
 
+note "pytest bf16 load: master weights follow the loaded checkpoint"
+timeout 180 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_engine_gpu.py \
+    -k starts_from_the_init_checkpoint 2>&1 | tee "$OUT/pytest_bf16_load.log" || fail "pytest bf16 load"
+
 note "pytest -m gpu"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
 timeout 300 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider "${xdist[@]}" tests/test_engine_gpu.py \
-    tests/test_rollout_local.py 2>&1 | tee "$OUT/pytest_gpu.log" || fail "pytest -m gpu"
+    tests/test_rollout_local.py -k "not starts_from_the_init_checkpoint" 2>&1 | tee "$OUT/pytest_gpu.log" \
+    || fail "pytest -m gpu"
 note "done, status $status"
 exit $status

@@ -72,9 +72,22 @@ class ParallelConfig:
     master_port: int = 29700
     """torchrun --master-port of single-node launches."""
     launcher: str = AUTO
-    """'auto': `python -m megatron_inpo` for one process, `torchrun --standalone` for one node; otherwise a command
-    prefix put before `-m megatron_inpo ...`, e.g. 'srun --ntasks-per-node=1 torchrun --nnodes 4
-    --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29700' (launch/slurm_inpo.sbatch)."""
+    """'auto': `python -m megatron_inpo` for one process, `torchrun --standalone` for one node; 'rdzv': several
+    nodes, `node_runner` starts one torchrun agent per node and the agents meet at `rdzv_endpoint` (c10d
+    rendezvous), nnodes x nproc_per_node ranks (launch/slurm_inpo.sbatch); otherwise a command prefix put
+    before `-m megatron_inpo ...`."""
+    node_runner: str = "srun --overlap --ntasks-per-node=1 --kill-on-bad-exit=1"
+    """launcher 'rdzv': the program that runs the torchrun agent once on every node (environment variables are
+    expanded at launch). Inside an sbatch allocation: srun (--overlap: the SGLang servers' job steps keep their
+    CPUs and GPUs); on one machine, launch/local_nodes.sh N runs N agents on 127.0.0.1 (tests)."""
+    rdzv_endpoint: str = "${MASTER_ADDR}:29700"
+    """launcher 'rdzv': host:port of the c10d rendezvous (the first node; expanded at launch)."""
+    rdzv_id: str = "megatron-inpo"
+    """launcher 'rdzv': rendezvous id shared by the agents of one stage (e.g. ${SLURM_JOB_ID})."""
+
+    def data_parallel_size(self) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        return self.nproc_per_node * self.nnodes // model_parallel
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "nproc_per_node", "nnodes"):
@@ -88,8 +101,15 @@ class ParallelConfig:
         if not 1024 <= self.master_port <= 65535:
             raise ConfigError(f"parallel.master_port: must be a port number, got {self.master_port}")
         if self.nnodes > 1 and self.launcher == AUTO:
-            raise ConfigError("parallel.launcher: nnodes > 1 needs an explicit launcher prefix (srun + torchrun "
-                              "rendezvous; see launch/slurm_inpo.sbatch)")
+            raise ConfigError("parallel.launcher: nnodes > 1 needs launcher 'rdzv' (one torchrun agent per node, "
+                              "c10d rendezvous; see launch/slurm_inpo.sbatch) or an explicit command prefix")
+        if self.launcher == "rdzv":
+            if not self.node_runner.strip():
+                raise ConfigError("parallel.node_runner: launcher 'rdzv' needs the program that runs one agent per "
+                                  "node (srun --ntasks-per-node=1 ...)")
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not (port.isdigit() or port.startswith("$")):
+                raise ConfigError(f"parallel.rdzv_endpoint: host:port, got {self.rdzv_endpoint!r}")
 
 
 @dataclass
@@ -279,5 +299,12 @@ class RunConfig:
             raise ConfigError(f"rollout_batch_size: must be >= 1, got {self.rollout_batch_size}")
         if self.stage_timeout_s < 0:
             raise ConfigError(f"stage_timeout_s: must be >= 0, got {self.stage_timeout_s}")
+        dp = self.parallel.data_parallel_size()
+        if self.train.global_batch_size % (self.train.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
+                              f"micro_batch_size x data-parallel size = {self.train.micro_batch_size} x {dp}")
+        if self.model.source == "synthetic" and self.sft.global_batch_size % dp:
+            raise ConfigError(f"sft.global_batch_size: {self.sft.global_batch_size} is not a multiple of the "
+                              f"data-parallel size {dp}")
         if self.engine == "torch" and self.parallel.nproc_per_node * self.parallel.nnodes > 1:
             raise ConfigError("engine: 'torch' runs in one process; set parallel.nproc_per_node=1 or engine=megatron")

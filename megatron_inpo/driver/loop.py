@@ -119,6 +119,7 @@ class Driver:
         if m.done(key):
             return m.outputs(key)
         attempt = m.start(key)
+        self._stage_key = key  # names the fault points of the server-memory calls made inside the stage
         self.out(f"[{time.strftime('%H:%M:%S')}] {key} ..." + (f" (resuming, attempt {attempt})" if attempt > 1 else ""))
         t0 = time.perf_counter()
         outputs = fn(StageFault(self.run_dir, key))
@@ -131,23 +132,111 @@ class Driver:
         return outputs
 
     # -- GPU sharing with SGLang servers ------------------------------------------------------------------------
-    def server_memory(self, action: str) -> None:
-        """'release' before a Megatron stage, 'resume' before rollout / judging (server_memory_saver only)."""
-        if not self.cfg.server_memory_saver or getattr(self, "_server_state", None) == action:
-            return
-        from megatron_inpo.rollout.sglang import SGLangPool
-
+    def _memory_servers(self) -> dict[str, list[str]]:
+        """{server URL: memory tags}: weights + KV cache of policy servers, the KV cache only of judge servers
+        (their weights never change). A server listed twice gets the union, released once."""
+        out: dict[str, list[str]] = {}
         groups = []
         if self.cfg.rollout.backend == "sglang":
             groups.append((self.cfg.rollout.server_urls, ["weights", "kv_cache"]))
         for jc in (self.cfg.judge, self.cfg.eval.judge):
             if jc is not None and jc.kind != "programmatic" and jc.backend == "sglang":
-                groups.append((jc.server_urls, ["kv_cache"]))  # judge weights never change: keep them
+                groups.append((jc.server_urls, ["kv_cache"]))
         for urls, tags in groups:
-            pool = SGLangPool(urls, timeout_s=600.0, max_retries=3)
-            for i in range(len(urls)):
-                pool.request(f"/{action}_memory_occupation", {"tags": tags}, server=i, parse_json=False)
-        self._server_state = action
+            for u in urls:
+                have = out.setdefault(u.rstrip("/"), [])
+                have += [t for t in tags if t not in have]
+        return out
+
+    def server_memory(self, action: str) -> None:
+        """'release' before a Megatron stage, 'resume' before rollout / judging (server_memory_saver only).
+
+        Neither call is idempotent (SGLang exits on a resume of memory that was not released; a second release
+        pauses twice), so each server's state is recorded in the run directory (ServerMemoryRecord) around the
+        call, which is sent once (no retry; a connection error surfaces):
+          1. record '<action>ing' (in flight), 2. send, 3. record 'released' / 'resumed'.
+        A driver killed before 1 or after 3 resumes knowing the state. Killed between 1 and 3, it cannot know
+        whether the server acted: SGLang 0.5.23 has no endpoint reporting released memory (its offload tags stay
+        inside the scheduler), and both guesses can break the server. The rerun therefore stops and asks for a
+        restart of that server: a fresh server holds its memory, and its new startup_time in /server_info
+        (recorded with each state) tells the driver that the record no longer applies. A 4xx answer is certain
+        (refused, nothing done): the previous state is restored. Fault points `<stage>@<action>:sending` (after
+        1), `:sent` (after 2) and `:recorded` (after the last server) let the tests kill the driver there.
+        """
+        from megatron_inpo.driver.manifest import MEMORY_FILE, MEMORY_IN_FLIGHT, MEMORY_STABLE, ServerMemoryRecord
+
+        if not self.cfg.server_memory_saver:
+            # server_memory_saver may be switched off on resumption (RESUME_MUTABLE): servers this run released
+            # must still get their memory back before they generate
+            if action != "resume" or not (self.run_dir / MEMORY_FILE).exists():
+                return
+        from megatron_inpo.rollout.sglang import SGLangError, SGLangPool
+
+        servers = self._memory_servers()
+        if not servers:
+            return
+        record = ServerMemoryRecord(self.run_dir)
+        target, in_flight = MEMORY_STABLE[action], MEMORY_IN_FLIGHT[action]
+        other = MEMORY_STABLE["resume" if action == "release" else "release"]
+        key = getattr(self, "_stage_key", "driver")
+        pool = SGLangPool(list(servers), timeout_s=600.0, max_retries=0, backoff_s=0.25, backoff_max_s=1.0)
+        for i, (url, tags) in enumerate(servers.items()):
+            started = self._server_startup_time(pool, i, url)
+            rec = record.get(url)
+            if rec is None or (started is not None and rec.get("startup_time") != started):
+                state = "resumed"  # never touched by this run, or restarted since: a fresh server holds its memory
+                record.set(url, state, tags, started)
+            else:
+                state = rec["state"]
+            if state == target:
+                continue
+            if state != other:
+                raise RuntimeError(
+                    f"{url}: this run was stopped during the {'release' if state == 'releasing' else 'resume'} of "
+                    f"its memory (/..._memory_occupation; recorded "
+                    f"{rec['state']!r} in {record.path} at {rec.get('since')}), so whether the server acted on it is "
+                    "unknown, and SGLang has no endpoint that says. Sending the call again could release twice, "
+                    "skipping it could later resume memory that was never released (the server then exits). "
+                    "Restart that SGLang server (a fresh one holds its memory; the driver tells it by the new "
+                    "startup_time of /server_info) and rerun the same command.")
+            record.set(url, in_flight, tags, started)
+            fault_point(self.run_dir, f"{key}@{action}:sending")
+            try:
+                pool.request(f"/{action}_memory_occupation", {"tags": tags}, server=i, parse_json=False,
+                             max_retries=0)
+            except SGLangError as e:
+                if e.status is not None and 400 <= e.status < 500:  # refused before acting: nothing changed
+                    record.set(url, state, tags, started)
+                raise SGLangError(f"/{action}_memory_occupation on {url} failed; the server's memory state is "
+                                  f"recorded in {record.path}: {e}", status=e.status) from None
+            fault_point(self.run_dir, f"{key}@{action}:sent")
+            record.set(url, target, tags, started)
+        fault_point(self.run_dir, f"{key}@{action}:recorded")
+
+    @staticmethod
+    def _server_startup_time(pool: Any, i: int, url: str) -> str | None:
+        """A fingerprint of the server process (GET /server_info, idempotent and retried); None where not reported.
+
+        SGLang 0.5.23's `startup_time` is a dict of that process's measured start-up durations (weight load, KV
+        allocation, scheduler start; observability/startup_time.py), not a clock time: a restarted server measures
+        new ones, so its canonical JSON tells a new process from the one a memory state was recorded for.
+        """
+        from megatron_inpo.rollout.sglang import SGLangError
+
+        try:
+            info = pool.request("/server_info", None, server=i, max_retries=2, timeout_s=30.0)
+        except SGLangError as e:
+            if e.status is None:
+                raise
+            return None  # an older server without /server_info: the record alone decides
+        if isinstance(info, dict) and info.get("enable_memory_saver") is False:
+            # without it a release frees nothing, and training would run out of GPU memory next to the server
+            raise ConfigError(f"server_memory_saver: {url} was started without --enable-memory-saver "
+                              "(/server_info); restart it with that flag or run without server_memory_saver")
+        t = info.get("startup_time") if isinstance(info, dict) else None
+        if t is None or isinstance(t, bool):
+            return None
+        return json.dumps(t, sort_keys=True)
 
     def judge(self):
         if self._judge is None:

@@ -101,9 +101,7 @@ def llama3_70b_h100() -> RunConfig:
     cfg.model.hf_path = "models/Llama-3-70B-SFT"
     cfg.parallel = ParallelConfig(
         tensor_model_parallel_size=8, pipeline_model_parallel_size=4, nproc_per_node=8, nnodes=4,
-        launcher="srun --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes ${SLURM_NNODES} "
-                 "--nproc-per-node 8 --rdzv-id ${SLURM_JOB_ID} --rdzv-backend c10d "
-                 "--rdzv-endpoint ${MASTER_ADDR}:29700")
+        launcher="rdzv", rdzv_endpoint="${MASTER_ADDR}:29700", rdzv_id="${SLURM_JOB_ID}")
     # one policy server per node (TP8 each), started by launch/slurm_inpo.sbatch; the PM shares node 0
     cfg.rollout.server_urls = [f"http://node{i}:30000" for i in range(4)]
     cfg.judge.server_urls = ["http://node0:30100"]

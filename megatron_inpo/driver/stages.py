@@ -247,6 +247,14 @@ class MegatronStages:
         if p.launcher == "auto":
             return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.nproc_per_node),
                     "--master-port", str(p.master_port), "-m", "megatron_inpo", *args]
+        if p.launcher == "rdzv":
+            # One agent per node (node_runner), all started with the same command: the c10d rendezvous hands out
+            # node ranks, so nothing here is node-specific. This interpreter's torch.distributed.run rather than a
+            # `torchrun` on PATH: the nodes share the file system and so the virtual environment.
+            return [*shlex.split(os.path.expandvars(p.node_runner)), sys.executable, "-m", "torch.distributed.run",
+                    "--nnodes", str(p.nnodes), "--nproc-per-node", str(p.nproc_per_node), "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", os.path.expandvars(p.rdzv_endpoint),
+                    "--rdzv-id", os.path.expandvars(p.rdzv_id), "-m", "megatron_inpo", *args]
         return [*shlex.split(os.path.expandvars(p.launcher)), "-m", "megatron_inpo", *args]
 
     def run(self, name: str, args: list[str], distributed: bool = True, watch: Callable[[], None] | None = None,
@@ -341,9 +349,11 @@ class MegatronStages:
 
     def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path:
         s = self.cfg.sft
+        # the whole global batch in one micro-batch per data-parallel rank (tiny SFT models: fewest passes)
+        micro = s.global_batch_size // self.cfg.parallel.data_parallel_size()
         fields = {**self._train_fields(), "mode": "sft", "data": str(data), "init_checkpoint": str(init),
                   "output_dir": str(out_dir), "lr": s.lr, "epochs": s.epochs, "global_batch_size": s.global_batch_size,
-                  "micro_batch_size": s.global_batch_size, "warmup_ratio": 0.03, "min_lr": 0.0}
+                  "micro_batch_size": micro, "warmup_ratio": 0.03, "min_lr": 0.0}
         self.run("sft", ["train", "--config", str(self._yaml("sft", fields))], watch=_checkpoint_watch(out_dir, fault),
                  hold=_pending(fault, "checkpoint"))
         return self._result(out_dir)

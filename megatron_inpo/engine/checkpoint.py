@@ -257,6 +257,19 @@ def _restore_adam_steps(optimizer) -> None:
             state["step"] = _adam_step(group["step"], group, p)
 
 
+def sync_master_weights(optimizer) -> None:
+    """Copy the model's current weights into the optimizer's fp32 master weights.
+
+    Megatron's bf16 / fp16 optimizers (Float16OptimizerWithFloat16Params and the DistributedOptimizer) copy the
+    model weights into fp32 masters once, when they are built, and each step writes the updated masters back
+    into the model. Weights loaded into the model after that are therefore overwritten by the first step with the
+    weights the model had at build time (the random init), unless the masters are refreshed, as Megatron-LM's
+    training/checkpointing.py does after a model-only load. Call after every such load; a no-op for fp32, whose
+    optimizer updates the model's parameters themselves.
+    """
+    optimizer.reload_model_params()
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -360,9 +373,12 @@ def load_checkpoint(
     scheduler: Any = None,
     load_rng: bool = True,
     strict: bool = True,
+    optimizer_state: bool = True,
 ) -> dict:
     """Load `path` into the (already built, any TP/PP) model and, when given, optimizer / scheduler / RNG.
 
+    `optimizer_state=False` with an optimizer: load the weights only (an init checkpoint, e.g. a converter output
+    or the SFT result) and then point the optimizer's master weights at them; see `sync_master_weights`.
     Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
     """
     from megatron.core import dist_checkpointing
@@ -374,6 +390,9 @@ def load_checkpoint(
     request: dict[str, Any] = {"model": model_sd}
     same_layout = (meta["tp"], meta["pp"]) == (
         ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    weights_only_optimizer = None
+    if optimizer is not None and not optimizer_state:
+        weights_only_optimizer, optimizer = optimizer, None
     if optimizer is not None:
         if not meta.get("has_optimizer"):
             raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
@@ -412,9 +431,14 @@ def load_checkpoint(
     if optimizer is not None:
         import torch
 
+        # Megatron's optimizer state holds the fp32 master weights (fp32_param / the distributed optimizer's
+        # shards), so a resume restores them bit for bit; no refresh from the (bf16) model weights here, which
+        # would round them (tests/test_engine_parallel.py checks both optimizers).
         with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
+    if weights_only_optimizer is not None:
+        sync_master_weights(weights_only_optimizer)
     if scheduler is not None:
         common = dist_checkpointing.load_common_state_dict(str(path))
         if "scheduler" in common:

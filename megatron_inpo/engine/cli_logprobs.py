@@ -96,10 +96,7 @@ def run_logprobs(cfg: LogprobConfig) -> dict:
 
         raise ConfigError(f"tensor_model_parallel_size x pipeline_model_parallel_size = {mp} does not divide the "
                           f"world size {runtime.world_size}")
-    if not runtime.cuda and cfg.precision == "bf16":
-        from megatron_inpo.config import ConfigError
-
-        raise ConfigError("precision: 'bf16' needs a GPU; use 'auto' or 'fp32' on CPU")
+    # precision 'bf16' also runs on CPU (as training does; see TrainConfig.validate_runtime), only more slowly.
     roles = [("ref", cfg.ref_checkpoint)] + ([] if cfg.same_models() else [("last", cfg.last_checkpoint)])
     pdir = lp.progress_dir(out)
     values: dict[str, list] = {}

@@ -18,8 +18,9 @@ Patches (each names the megatron-core 0.16.1 code that needs it):
   6. (optimizer) optimizer/clip_grads.py asserts grads are `torch.cuda.FloatTensor` before scaling them: the clip
      is replaced by the same in-place scaling in plain torch.
 
-`prepare_distributed_optimizer(params)` adds the one per-parameter workaround the distributed optimizer needs
-(distrib_optimizer.py compares `param.type()` with CUDA type names).
+`prepare_distributed_optimizer(params)` adds the one per-parameter workaround the distributed optimizer and the
+bf16 / fp16 optimizer need (distrib_optimizer.py and Float16OptimizerWithFloat16Params compare `param.type()` with
+CUDA type names).
 """
 from __future__ import annotations
 

@@ -216,8 +216,8 @@ class TrainConfig:
             raise ConfigError(f"global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size x "
                               f"data-parallel size = {self.micro_batch_size} x {dp}")
         if not cuda:
-            if self.precision == "bf16":
-                raise ConfigError("precision: 'bf16' needs a GPU; use 'auto' or 'fp32' on CPU")
+            # precision 'bf16' is allowed on CPU: Megatron's bf16 optimizers (fp32 master weights) run under gloo,
+            # which is how the CPU suite tests the mixed-precision path; it is slower than fp32 there.
             if self.fp8:
                 raise ConfigError("fp8: needs a GPU with Transformer Engine; this machine has no CUDA")
             if self.layer_spec == "te":
@@ -466,8 +466,9 @@ def build_optimizer(cfg: TrainConfig, model: list, precision: str, total_steps: 
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    if cfg.use_distributed_optimizer:
-        engine_parallel.prepare_distributed_optimizer(model)  # CPU workaround; no-op on GPU
+    if cfg.use_distributed_optimizer or precision != "fp32":
+        # CPU workaround (no-op on GPU): both the distributed and the bf16 optimizer check param.type() names
+        engine_parallel.prepare_distributed_optimizer(model)
     optimizer = get_megatron_optimizer(ocfg, model)
     fuse_torch_adam(optimizer)
     warmup, decay = lr_steps(cfg, total_steps)
@@ -629,7 +630,8 @@ def train(cfg: TrainConfig) -> dict:
         if is_rank0:
             print(f"resuming from {resume} (step {start} of {steps})", flush=True)
     else:
-        ckpt.load_checkpoint(cfg.init_checkpoint, model, load_rng=False)
+        # The optimizer is passed so that its fp32 master weights (bf16) are refreshed from the loaded weights.
+        ckpt.load_checkpoint(cfg.init_checkpoint, model, optimizer, load_rng=False, optimizer_state=False)
     tok_dir = Path(cfg.init_checkpoint) / "tokenizer"
     meta = {"hf_config": init_meta["hf_config"], "padded_vocab_size": built.padded_vocab_size,
             "layer_spec": built.layer_spec}

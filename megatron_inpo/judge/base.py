@@ -119,7 +119,9 @@ class JudgeConfig:
     batch_size: int = 16
     """Local backend: sequences per forward; SGLang: sequences per request."""
     max_length: int = 4096
-    """Judge inputs longer than this (in tokens) are truncated from the left of the context."""
+    """Judge inputs longer than this (in tokens) are truncated from the left of the context. With an SGLang judge,
+    keep it below the server's context length: SGLang refuses (HTTP 400) a prompt of context-length tokens, and the
+    pairwise judge also asks for one new token."""
     device: str = "cpu"
     """Local backend: torch device."""
     dtype: str = "float32"

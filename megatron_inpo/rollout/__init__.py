@@ -18,7 +18,7 @@ API summary (what the iteration driver calls)::
     # resumable end-to-end stage: generate -> judge -> append JSONL per prompt batch; a re-run skips done prompts
     summary = generate_preferences(prompts, engine, judge, out_path, method="tournament", iteration=1,
                                    model_version="iter0", batch_size=64)
-    engine.update_weights("new_hf_dir", version="iter1")   # SGLang: /update_weights_from_disk + /flush_cache
+    engine.update_weights("new_hf_dir", version="iter1")   # SGLang: /update_weights_from_disk (flush_cache: true)
     engine.close()
 
 SGLang servers from Python (launch/sglang_servers.py is the command-line face of the same code)::

@@ -36,7 +36,15 @@ class ServerLaunchConfig:
     host: str = "127.0.0.1"
     """Bind address; 127.0.0.1 keeps the servers private to this machine."""
     mem_fraction: float = 0.0
-    """sglang --mem-fraction-static (weights + KV cache share of GPU memory); 0 keeps sglang's default."""
+    """sglang --mem-fraction-static of every server; 0 keeps sglang's default. SGLang measures it against the
+    memory free when the server starts, not the whole GPU: compute it with `launch/sglang_servers.py plan`
+    (rollout/memory_plan.py) when servers share a GPU."""
+    mem_fractions: list[float] = field(default_factory=list)
+    """One --mem-fraction-static per server (the plan gives a server that shares its GPU a smaller one);
+    empty: mem_fraction for all."""
+    deterministic: bool = False
+    """Start with --enable-deterministic-inference: SGLang 0.5.23 honours a request's `sampling_seed` only then
+    (sampling/sampling_batch_info.py), so seeded rollouts are reproducible only on such servers."""
     is_embedding: bool = False
     """Serve a reward model (sequence classification) for /classify."""
     gpus: list[int] = field(default_factory=list)
@@ -55,6 +63,10 @@ class ServerLaunchConfig:
             raise ConfigError(f"servers.num_servers/tp: must be >= 1, got {self.num_servers}/{self.tp}")
         if not 0 <= self.mem_fraction < 1:
             raise ConfigError(f"servers.mem_fraction: must be in [0, 1), got {self.mem_fraction}")
+        if self.mem_fractions and len(self.mem_fractions) != self.num_servers:
+            raise ConfigError(f"servers.mem_fractions: {len(self.mem_fractions)} values for {self.num_servers} servers")
+        if any(not 0 < f < 1 for f in self.mem_fractions):
+            raise ConfigError(f"servers.mem_fractions: each must be in (0, 1), got {self.mem_fractions}")
         if self.gpus and len(self.gpus) < self.num_servers * self.tp:
             raise ConfigError(f"servers.gpus: {len(self.gpus)} GPUs for {self.num_servers} servers x TP {self.tp}")
         if not (0 < self.base_port and self.base_port + self.num_servers <= 65536):
@@ -87,6 +99,9 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
     from megatron_inpo.rollout.sglang import SGLangPool
 
     cfg.validate()
+    if not cfg.deterministic:
+        log.warning("SGLang servers start without --enable-deterministic-inference: they ignore sampling_seed, so "
+                    "seeded rollouts will not be reproducible")
     gpus = cfg.gpus or list(range(cfg.num_servers * cfg.tp))
     log_dir = Path(cfg.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +113,13 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
             raise RuntimeError(f"port {port} on {cfg.host} is already in use (choose another servers.base_port)")
         argv = cfg.command + ["--model-path", cfg.model_path, "--tp", str(cfg.tp), "--host", cfg.host,
                               "--port", str(port)]
-        if cfg.mem_fraction:
-            argv += ["--mem-fraction-static", str(cfg.mem_fraction)]
+        fraction = cfg.mem_fractions[i] if cfg.mem_fractions else cfg.mem_fraction
+        if fraction:
+            argv += ["--mem-fraction-static", str(fraction)]
         if cfg.is_embedding:
             argv += ["--is-embedding"]
+        if cfg.deterministic:
+            argv += ["--enable-deterministic-inference"]
         argv += cfg.extra_args
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus[i * cfg.tp:(i + 1) * cfg.tp]))
         logf = log_dir / f"server_{port}.log"
@@ -147,6 +165,12 @@ def _cmdline(pid: int) -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def _same_program(cmdline: list[str], argv: list[str]) -> bool:
+    """Whether a live process still runs the recorded argv; a script started by its #! line shows the
+    interpreter in front of it (['/bin/sh', script, ...] for argv [script, ...])."""
+    return cmdline == argv or (len(cmdline) > len(argv) and cmdline[-len(argv):] == argv)
+
+
 def read_state(state_file: str | os.PathLike) -> list[dict]:
     path = Path(state_file)
     if not path.exists():
@@ -166,7 +190,7 @@ def stop_servers(state_file: str | os.PathLike, timeout_s: float = 30.0, _server
         if proc is not None and proc.poll() is not None:
             continue
         cmd = _cmdline(s["pid"])
-        if cmd is None or (cmd != s["argv"] and proc is None):
+        if cmd is None or (not _same_program(cmd, s["argv"]) and proc is None):
             continue
         try:
             os.killpg(s["pid"], signal.SIGTERM)

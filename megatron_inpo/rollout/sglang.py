@@ -20,11 +20,23 @@ log = logging.getLogger(__name__)
 
 
 class SGLangError(RuntimeError):
-    """A request to an SGLang server failed for good; the message names the URL(s) and the reason."""
+    """A request to an SGLang server failed for good; the message names the URL(s) and the reason.
+
+    `status` is the HTTP status of the server's last answer: a 4xx means it refused the request (nothing done),
+    a 5xx that it failed after the retries; None means no answer came (connection refused or dropped, timeout,
+    malformed reply). Without a 4xx, the server may or may not have carried the request out."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Retryable(Exception):
     """Transient failure: connection refused/reset, timeout, HTTP 5xx, malformed or incomplete reply."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of a 5xx answer; None when no answer came
 
 
 class SGLangPool:
@@ -71,8 +83,8 @@ class SGLangPool:
         except urllib.error.HTTPError as e:
             text = e.read().decode("utf-8", "replace")[:500]
             if e.code >= 500:
-                raise _Retryable(f"HTTP {e.code} {text}".strip()) from None
-            raise SGLangError(f"{url}{path}: HTTP {e.code}: {text}") from None
+                raise _Retryable(f"HTTP {e.code} {text}".strip(), status=e.code) from None
+            raise SGLangError(f"{url}{path}: HTTP {e.code}: {text}", status=e.code) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
                 http.client.HTTPException, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -85,14 +97,19 @@ class SGLangPool:
             raise _Retryable(f"malformed JSON reply ({e}): {body[:200]!r}") from None
 
     def request(self, path: str, payload: dict | None = None, validate: Callable[[Any], None] | None = None,
-                parse_json: bool = True, server: int | None = None, timeout_s: float | None = None) -> Any:
+                parse_json: bool = True, server: int | None = None, timeout_s: float | None = None,
+                max_retries: int | None = None) -> Any:
         """One request with retries; `validate` raises ValueError on an incomplete reply (retried as transient).
 
         server=None: round-robin with fail-over; an index pins the request to that server (weight updates, health).
+        max_retries overrides the pool's: 0 for a call that is not idempotent (memory release / resume), whose
+        connection error must surface instead of being sent again.
         """
+        retries = self.max_retries if max_retries is None else max_retries
         start = self._pick() if server is None else server
         errors: list[str] = []
-        for attempt in range(self.max_retries + 1):
+        status = None
+        for attempt in range(retries + 1):
             idx = start if server is not None else (start + attempt) % len(self.urls)
             url = self.urls[idx]
             try:
@@ -105,16 +122,17 @@ class SGLangPool:
                 return reply
             except _Retryable as e:
                 errors.append(f"{url}{path}: {e}")
-                if attempt == self.max_retries:
+                status = e.status
+                if attempt == retries:
                     break
                 with self._lock:
                     self.retries += 1
                 delay = min(self.backoff_s * 2 ** attempt, self.backoff_max_s) * random.uniform(0.5, 1.0)
                 log.warning("SGLang %s%s failed (%s); retry %d/%d in %.2f s", url, path, e, attempt + 1,
-                            self.max_retries, delay)
+                            retries, delay)
                 time.sleep(delay)
-        raise SGLangError(f"SGLang request {path} failed after {self.max_retries + 1} attempt(s) "
-                          f"(is the server up?):\n  " + "\n  ".join(errors))
+        raise SGLangError(f"SGLang request {path} failed after {retries + 1} attempt(s) "
+                          f"(is the server up?):\n  " + "\n  ".join(errors), status=status)
 
     def map(self, path: str, payloads: Sequence[dict], validate: Callable[[Any, int], None] | None = None) -> list:
         """Send every payload (at most `concurrency` in flight); replies in order. Any final failure raises."""
@@ -157,7 +175,12 @@ class SGLangPool:
         return self.request("/model_info", None, server=server)
 
     def update_weights_from_disk(self, model_path: str, version: str = "") -> None:
-        """Every server loads `model_path`, then flushes its radix cache (stale prefixes belong to old weights)."""
+        """Every server loads `model_path` and flushes its radix cache (stale prefixes belong to old weights).
+
+        The flush is the update's own `flush_cache: true` (SGLang flushes once the update holds the model lock, and
+        fails the update if it cannot); a separate /flush_cache afterwards would be refused with HTTP 400 whenever
+        another client's request is running or queued. Retrying is safe: loading the same path twice is a no-op.
+        """
         for i, u in enumerate(self.urls):
             payload: dict[str, Any] = {"model_path": model_path, "flush_cache": True}
             if version:
@@ -168,7 +191,6 @@ class SGLangPool:
                 raise SGLangError(f"weight update of {u} to {model_path} failed: {e}") from None
             if not (isinstance(reply, dict) and reply.get("success")):
                 raise SGLangError(f"{u}/update_weights_from_disk: {model_path}: {reply!r}")
-            self.request("/flush_cache", {}, server=i, parse_json=False)
             log.info("SGLang %s: weights from %s (version %r), cache flushed", u, model_path, version)
 
 
