@@ -266,9 +266,11 @@ class FakeSGLang:
                  token_a: int = 3 + CHARS.index("A"), token_b: int = 3 + CHARS.index("B"),
                  reward: Callable[[list[int]], float] | None = None, contract: SGLangContract | None | bool = True,
                  context_len: int = 4096, eos_id: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None, memory_saver: bool = True) -> None:
+                 decode: Callable[[list[int]], str] | None = None, memory_saver: bool = True,
+                 deterministic: bool = True) -> None:
         self.is_embedding = is_embedding
         self.memory_saver = memory_saver  # --enable-memory-saver
+        self.deterministic = deterministic  # --enable-deterministic-inference: without it sampling_seed is ignored
         self.vocab = vocab
         self.eos_prob = eos_prob
         self.eos_id = EOS if eos_id is None else eos_id
@@ -361,7 +363,7 @@ class FakeSGLang:
         return {"output_ids": out, "finish": finish}
 
     def _generate_one(self, ids: list[int], sp: dict, body: dict, index: int) -> dict:
-        seed = sp.get("sampling_seed")
+        seed = sp.get("sampling_seed") if self.deterministic else None
         rng = random.Random(_h("seed", seed, ids)) if seed is not None else random.Random()
         want = body.get("token_ids_logprob")
         if want is not None and want and isinstance(want[0], list):
@@ -435,7 +437,8 @@ class FakeSGLang:
         if path in ("/server_info", "/get_server_info"):
             info = {"model_path": self.model_path, "tokenizer_path": self.model_path,
                     "max_context_length": self.context_len, "version": SGLANG_VERSION,
-                    "enable_memory_saver": self.memory_saver, "startup_time": self.startup_time,
+                    "enable_memory_saver": self.memory_saver,
+                    "enable_deterministic_inference": self.deterministic, "startup_time": self.startup_time,
                     "internal_states": [{"startup_time": self.startup_time}], "host": "127.0.0.1",
                     "port": self.httpd.server_address[1]}
             self._check_reply("GetServerInfoResponse", info)

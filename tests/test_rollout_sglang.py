@@ -28,8 +28,10 @@ def test_generate_follows_the_api_and_is_seeded():
         eng = sg_engine([srv.url])
         rs = eng.rollout(PROMPTS)
         assert [len(r.completions) for r in rs] == [4] * 6
-        assert [p for p, _ in srv.requests] == ["/generate"] * 6  # one request per prompt (request_prompts=1)
-        body = next(b for _, b in srv.requests if b["input_ids"][0] == PROMPTS[0].prompt_ids)
+        # the servers' determinism is asked once, then one request per prompt (request_prompts=1)
+        assert [p for p, _ in srv.requests] == ["/server_info"] + ["/generate"] * 6
+        assert eng.nondeterministic == []
+        body = next(b for p, b in srv.requests if p == "/generate" and b["input_ids"][0] == PROMPTS[0].prompt_ids)
         assert body["input_ids"] == [PROMPTS[0].prompt_ids] * 4
         sp = body["sampling_params"]
         assert isinstance(sp, list) and len({p["sampling_seed"] for p in sp}) == 4
@@ -42,6 +44,25 @@ def test_generate_follows_the_api_and_is_seeded():
         # same seeds -> same samples, whatever the request grouping
         assert ids(sg_engine([srv.url], request_prompts=4).rollout(PROMPTS)) == ids(rs)
         assert ids(sg_engine([srv.url], seed=12).rollout(PROMPTS)) != ids(rs)
+
+
+def test_seeded_rollout_on_a_server_without_deterministic_inference_says_so(caplog):
+    """SGLang ignores sampling_seed unless started with --enable-deterministic-inference (the fake does too): the
+    samples then differ between two runs with the same seeds, and the client says plainly that they will."""
+    with FakeSGLang(deterministic=False) as srv, FakeSGLang() as good:
+        eng = sg_engine([srv.url, good.url])
+        with caplog.at_level(logging.WARNING, logger="megatron_inpo.rollout.sglang"):
+            eng.rollout(PROMPTS)
+            eng.rollout(PROMPTS)  # checked once per engine
+        warned = [r.getMessage() for r in caplog.records if "NOT be reproducible" in r.getMessage()]
+        assert len(warned) == 1 and srv.url in warned[0] and good.url not in warned[0]
+        assert eng.nondeterministic == [srv.url]
+        assert ids(sg_engine([srv.url]).rollout(PROMPTS)) != ids(sg_engine([srv.url]).rollout(PROMPTS))
+        assert ids(sg_engine([good.url]).rollout(PROMPTS)) == ids(sg_engine([good.url]).rollout(PROMPTS))
+        # unseeded rollouts make no reproducibility claim: nothing asked
+        before = sum(p == "/server_info" for p, _ in srv.requests)
+        sg_engine([srv.url], seed=None).rollout(PROMPTS)
+        assert sum(p == "/server_info" for p, _ in srv.requests) == before
 
 
 def test_unseeded_uses_n_and_parses_prompt_major_lists():

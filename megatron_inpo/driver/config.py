@@ -272,7 +272,10 @@ class RunConfig:
     """SGLang servers share GPUs with training: before every Megatron stage the driver asks each server to release
     its GPU memory (/release_memory_occupation: weights + KV cache of policy servers, KV cache of judge servers)
     and resumes it before rollout / judging; the policy servers then reload pi_t from disk anyway. Needs servers
-    started with --enable-memory-saver (launch/torchrun_inpo.sh)."""
+    started with --enable-memory-saver (launch/torchrun_inpo.sh; checked through /server_info). Neither call is
+    idempotent, so each is sent once and each server's state is recorded in <run_dir>/server_memory.json: a
+    restarted driver sends only the call the recorded state needs, and stops (asking for a server restart) if it
+    was killed between sending a call and recording its answer."""
 
     def validate(self) -> None:
         if self.iterations < 1:

@@ -224,6 +224,32 @@ class SGLangEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.pool = pool or SGLangPool.from_config(cfg)
         self.meter = Throughput("rollout[sglang]")
+        self.nondeterministic: list[str] | None = None
+        """Servers that ignore sampling_seed (checked at the first seeded rollout); None until checked."""
+
+    def check_deterministic(self) -> list[str]:
+        """URLs of the servers started without --enable-deterministic-inference, warned about once.
+
+        SGLang 0.5.23 reads a request's sampling_seed only on such servers (sampling_batch_info.py); elsewhere a
+        seeded rollout samples validly but differently on every run, so a resumed run would not redo the same
+        samples. /server_info reports the server's resolved arguments; a server that does not answer it is
+        counted as unknown and named in the warning too.
+        """
+        if self.nondeterministic is None:
+            bad = []
+            for i, u in enumerate(self.pool.urls):
+                try:  # informational: one try, a server that is down fails the /generate that follows anyway
+                    info = self.pool.request("/server_info", None, server=i, max_retries=0)
+                except SGLangError:
+                    info = None
+                if not (isinstance(info, dict) and info.get("enable_deterministic_inference") is True):
+                    bad.append(u)
+            if bad:
+                log.warning("rollouts will NOT be reproducible: SGLang server(s) %s were started without "
+                            "--enable-deterministic-inference (or did not say), so they ignore sampling_seed; "
+                            "start them with it (launch/sglang_servers.py start --deterministic)", ", ".join(bad))
+            self.nondeterministic = bad
+        return self.nondeterministic
 
     def _payload(self, prompts: list[list[int]], sampling: SamplingConfig,
                  seeds: Sequence[Sequence[int]] | None) -> dict:
@@ -238,6 +264,8 @@ class SGLangEngine(RolloutEngine):
 
     def _generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                   seeds: Sequence[Sequence[int]] | None) -> list[list[Completion]]:
+        if seeds is not None:
+            self.check_deterministic()
         step = self.cfg.request_prompts
         chunks = [(i, prompt_ids[i:i + step], None if seeds is None else seeds[i:i + step])
                   for i in range(0, len(prompt_ids), step)]
