@@ -310,7 +310,7 @@ class FakeSGLang:
         # (observability/startup_time.py), not a wall-clock time; each process measures its own
         self._starts = getattr(self, "_starts", 0) + 1
         self.startup_time = {"load_weight": 0.5 + 1e-3 * self._starts, "kv_cache_allocation": 0.25,
-                             "scheduler_e2e": 1.0 + time.time() % 1, "cuda_graph": {}}
+                             "scheduler_e2e": 1.0, "cuda_graph": {}}
 
     def restart(self) -> None:
         """The server process restarted on the same port (e.g. after it died): a fresh one holds its memory."""
@@ -403,6 +403,19 @@ class FakeSGLang:
         if err is not None:
             raise AssertionError(f"FakeSGLang reply violates SGLang's {type_name}: {err}: {value!r}"[:2000])
 
+    def _input_too_long(self, path: str, ids: list[int]) -> tuple | None:
+        """tokenizer_manager._validate_one_request: a prompt must be shorter than the context length."""
+        if len(ids) >= self.context_len:
+            return self._refuse(path, f"The input ({len(ids)} tokens) is longer than the model's context "
+                                      f"length ({self.context_len} tokens).")
+        return None
+
+    def _dies_on_released_memory(self, path: str) -> bool:
+        """Work on paused weights / KV cache: the scheduler faults on freed memory and the server exits."""
+        if self.released:
+            self._die(f"{path} on released memory {sorted(self.released)}")
+        return bool(self.released)
+
     def _generate_checks(self, path: str, body: dict, prompts: list[list[int]], sps: list[dict]) -> tuple | None:
         # io_struct.GenerateReqInput._normalize: one n (parallel_sample_num) for the whole batch
         ns = {int(sp.get("n", 1) or 1) for sp in sps}
@@ -411,9 +424,9 @@ class FakeSGLang:
                                       "params.")
         # tokenizer_manager._validate_one_request: the prompt, then prompt + max_new_tokens, against context_len
         for ids, sp in zip(prompts, sps):
-            if len(ids) >= self.context_len:
-                return self._refuse(path, f"The input ({len(ids)} tokens) is longer than the model's context "
-                                          f"length ({self.context_len} tokens).")
+            too_long = self._input_too_long(path, ids)
+            if too_long:
+                return too_long
             mnt = sp.get("max_new_tokens")
             if mnt is not None and mnt + len(ids) > self.context_len:
                 return self._refuse(path, "Requested token count exceeds the model's maximum context length of "
@@ -424,8 +437,7 @@ class FakeSGLang:
 
     def handle(self, path: str, body: Any) -> tuple[int, Any]:
         if path in ("/health", "/health_generate"):
-            if path == "/health_generate" and self.released:  # it runs a 1-token generation
-                self._die(f"{path} on released memory {sorted(self.released)}")
+            if path == "/health_generate" and self._dies_on_released_memory(path):  # a 1-token generation
                 return 0, None
             return (200, b"") if self.healthy else (503, b"")
         if path in ("/model_info", "/get_model_info"):
@@ -471,13 +483,12 @@ class FakeSGLang:
                 return self._refuse(path, "This model does not appear to be an embedding model by default. Please "
                                           "add `--is-embedding` when launching the server or try another model.")
             prompts, single = self._inputs(body)
-            if self.released:
-                self._die(f"{path} on released memory {sorted(self.released)}")
+            if self._dies_on_released_memory(path):
                 return 0, None
             for ids in prompts:
-                if len(ids) >= self.context_len:
-                    return self._refuse(path, f"The input ({len(ids)} tokens) is longer than the model's context "
-                                              f"length ({self.context_len} tokens).")
+                too_long = self._input_too_long(path, ids)
+                if too_long:
+                    return too_long
             items = [{"embedding": [self.reward(ids)], "meta_info": {"id": str(i), "prompt_tokens": len(ids)}}
                      for i, ids in enumerate(prompts)]
             return 200, items[0] if single else items
@@ -496,8 +507,7 @@ class FakeSGLang:
             refused = self._generate_checks(path, body, prompts, sps)
             if refused:
                 return refused
-            if self.released:  # sampling on paused weights / KV cache: the scheduler faults on freed memory
-                self._die(f"/generate on released memory {sorted(self.released)}")
+            if self._dies_on_released_memory(path):
                 return 0, None
             items = []
             for i, (ids, sp) in enumerate(zip(prompts, sps)):

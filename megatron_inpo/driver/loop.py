@@ -224,7 +224,7 @@ class Driver:
         from megatron_inpo.rollout.sglang import SGLangError
 
         try:
-            info = pool.request("/server_info", None, server=i, max_retries=2, timeout_s=30.0)
+            info = pool.server_info(i, max_retries=2, timeout_s=30.0)
         except SGLangError as e:
             if e.status is None:
                 raise

@@ -18,7 +18,7 @@ Patches (each names the megatron-core 0.16.1 code that needs it):
   6. (optimizer) optimizer/clip_grads.py asserts grads are `torch.cuda.FloatTensor` before scaling them: the clip
      is replaced by the same in-place scaling in plain torch.
 
-`prepare_distributed_optimizer(params)` adds the one per-parameter workaround the distributed optimizer and the
+`prepare_optimizer_params(params)` adds the one per-parameter workaround the distributed optimizer and the
 bf16 / fp16 optimizer need (distrib_optimizer.py and Float16OptimizerWithFloat16Params compare `param.type()` with
 CUDA type names).
 """
@@ -134,8 +134,9 @@ def enable_cpu_mode() -> bool:
     return True
 
 
-def prepare_distributed_optimizer(params) -> None:
-    """On CPU, make `param.type()` report the CUDA type name that megatron's distributed optimizer checks for.
+def prepare_optimizer_params(params) -> None:
+    """On CPU, make `param.type()` report the CUDA type name that megatron's distributed optimizer and its bf16 /
+    fp16 optimizer (Float16OptimizerWithFloat16Params) check for.
 
     `params`: an iterable of parameters, or a model (chunk) / list of chunks. No-op with CUDA.
     """

@@ -9,7 +9,7 @@ API (what the engine, converter and tests call):
         tracker. Calling it again with other sizes re-creates the model-parallel groups (the world stays).
     layout() -> Layout          ranks and sizes of this process (tp/pp/dp rank+size, first/last stage).
     destroy(process_group=False)  destroys Megatron's groups (and the torch.distributed world if asked).
-    prepare_distributed_optimizer(model)   CPU workaround for Megatron's distributed optimizer (no-op on GPU).
+    prepare_optimizer_params(model)   CPU workaround for Megatron's distributed and bf16 optimizers (no-op on GPU).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_inpo.engine.cpu import enable_cpu_mode, prepare_distributed_optimizer  # noqa: F401  (re-export)
+from megatron_inpo.engine.cpu import enable_cpu_mode, prepare_optimizer_params  # noqa: F401  (re-export)
 
 class ParallelError(ValueError):
     """An impossible parallel layout (e.g. the world size is not a multiple of TP x PP)."""

@@ -468,7 +468,7 @@ def build_optimizer(cfg: TrainConfig, model: list, precision: str, total_steps: 
     )
     if cfg.use_distributed_optimizer or precision != "fp32":
         # CPU workaround (no-op on GPU): both the distributed and the bf16 optimizer check param.type() names
-        engine_parallel.prepare_distributed_optimizer(model)
+        engine_parallel.prepare_optimizer_params(model)
     optimizer = get_megatron_optimizer(ocfg, model)
     fuse_torch_adam(optimizer)
     warmup, decay = lr_steps(cfg, total_steps)

@@ -174,6 +174,11 @@ class SGLangPool:
     def model_info(self, server: int = 0) -> dict:
         return self.request("/model_info", None, server=server)
 
+    def server_info(self, server: int = 0, max_retries: int | None = None, timeout_s: float | None = None) -> Any:
+        """GET /server_info: the server's resolved launch arguments (enable_memory_saver,
+        enable_deterministic_inference, ...) and its `startup_time`; idempotent."""
+        return self.request("/server_info", None, server=server, max_retries=max_retries, timeout_s=timeout_s)
+
     def update_weights_from_disk(self, model_path: str, version: str = "") -> None:
         """Every server loads `model_path` and flushes its radix cache (stale prefixes belong to old weights).
 
@@ -239,7 +244,7 @@ class SGLangEngine(RolloutEngine):
             bad = []
             for i, u in enumerate(self.pool.urls):
                 try:  # informational: one try, a server that is down fails the /generate that follows anyway
-                    info = self.pool.request("/server_info", None, server=i, max_retries=0)
+                    info = self.pool.server_info(i, max_retries=0)
                 except SGLangError:
                     info = None
                 if not (isinstance(info, dict) and info.get("enable_deterministic_inference") is True):
