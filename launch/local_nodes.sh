@@ -4,8 +4,8 @@
 #
 #   bash launch/local_nodes.sh N COMMAND [ARGS...]
 #
-# The multi-node path of the driver (parallel.launcher=rdzv) with parallel.node_runner="bash launch/local_nodes.sh 2"
-# starts two torchrun agents that meet at parallel.rdzv_endpoint=127.0.0.1:PORT, so a two-node launch can be tested
+# The multi-node path of the driver (launch.launcher=rdzv) with launch.node_runner="bash launch/local_nodes.sh 2"
+# starts two torchrun agents that meet at launch.rdzv_endpoint=127.0.0.1:PORT, so a two-node launch can be tested
 # without a cluster. Traffic stays on the loopback device: torchrun advertises PET_LOCAL_ADDR (its --local-addr)
 # to the other agent instead of the host name, and gloo binds GLOO_SOCKET_IFNAME=lo.
 set -u

@@ -14,7 +14,7 @@ Servers bind 127.0.0.1 unless --host says otherwise; server i gets port base+i a
 --mem-fraction takes one value or one per server (comma-separated). `plan` computes them with SGLang's own
 KV-cache rule from the models' config.json and the GPUs' free memory (nvidia-smi, or --gpu-memory-gib), and
 exits with status 2 and a message naming the server when one would get less KV cache than one batch at full
-context (rollout/memory_plan.py). Policy servers start first, then the judge; the plan assumes that order.
+context (serving/memory_plan.py). Policy servers start first, then the judge; the plan assumes that order.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from megatron_inpo.rollout.servers import ServerLaunchConfig, read_state, start_servers, stop_servers
-from megatron_inpo.rollout.sglang import SGLangPool
+from megatron_inpo.serving.servers import ServerLaunchConfig, read_state, start_servers, stop_servers
+from megatron_inpo.serving.pool import SGLangPool
 
 # Minimum KV tokens of a server (one batch at full context): a policy server must hold the K = 8 samples of one
 # prompt at once (they run together and share the prompt's prefix) at the recipes' train.max_seq_len 4096; the
@@ -65,7 +65,7 @@ def hold(state: str, poll_s: float = 1.0, stop_grace_s: float = 40.0) -> int:
     import signal
     import time
 
-    from megatron_inpo.rollout.servers import _is_zombie
+    from megatron_inpo.serving.servers import _is_zombie
 
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,7 +94,7 @@ def hold(state: str, poll_s: float = 1.0, stop_grace_s: float = 40.0) -> int:
 
 def plan(args: argparse.Namespace) -> int:
     from megatron_inpo.config import ConfigError
-    from megatron_inpo.rollout.memory_plan import (ModelMemory, ServerSlot, format_plan, plan_server_memory)
+    from megatron_inpo.serving.memory_plan import (ModelMemory, ServerSlot, format_plan, plan_server_memory)
 
     def model(path: str, tp: int) -> ModelMemory:
         cfg_path = Path(path) / "config.json"

@@ -5,7 +5,7 @@
 #   RECIPE defaults to llama3_8b_h100; e.g. bash launch/torchrun_inpo.sh llama3_8b_h100 --run_dir=runs/x
 #
 # The driver runs every Megatron stage (convert, log-probs, train) as `torchrun --standalone --nproc-per-node 8
-# -m megatron_inpo ...` itself (parallel.nproc_per_node), one stage at a time, so each stage's GPU memory is freed
+# -m megatron_inpo ...` itself (launch.nproc_per_node), one stage at a time, so each stage's GPU memory is freed
 # when it exits. The SGLang servers keep their weights resident between iterations; with --enable-memory-saver
 # the driver asks them to release GPU memory before each Megatron stage and to resume it before rollout / judging
 # (rollout.release_memory / server_memory_saver below), so policy servers, the PM and training share the 8 GPUs.
@@ -58,5 +58,5 @@ JUDGE_URLS="[$(cat "$RUN_DIR/judge_urls.txt")]"
 # MASTER_PORT in this project's range: several runs on one node must not collide.
 megatron-inpo run --recipe "$RECIPE" --run_dir="$RUN_DIR" --model.hf_path="$SFT_MODEL" \
     --judge.model_path="$PM_MODEL" --rollout.server_urls="$POLICY_URLS" --judge.server_urls="$JUDGE_URLS" \
-    --parallel.nproc_per_node=8 --parallel.master_port="${MASTER_PORT:-29700}" \
+    --launch.nproc_per_node=8 --launch.master_port="${MASTER_PORT:-29700}" \
     --server_memory_saver=true "$@"

@@ -33,13 +33,16 @@ def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, template: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
+        # a subclass instance in the template (a recipe's extended config) keeps its class and its fields
+        if isinstance(template, tp) and type(template) is not tp:
+            return from_dict(type(template), value, where, template)
+        return from_dict(tp, value, where, template)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if value is None and type(None) in args:
             return None
@@ -83,14 +86,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error naming them."""
+def from_dict(cls: type, data: dict, where: str = "", template: Any = None) -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error naming them. Nested configs
+    of `template` (a config being overridden) that are subclasses of the declared type keep their class."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k, getattr(template, k, None))
+              for k, v in data.items()}
     return dataclasses.replace(cls(), **kwargs) if _has_defaults(cls) else cls(**kwargs)
 
 
@@ -117,17 +122,34 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"override {item!r}: no config field {key!r}")
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return from_dict(type(cfg), data)
+    return from_dict(type(cfg), data, template=cfg)
 
 
 def validate_all(cfg: Any, where: str = "") -> None:
-    """Call validate() on `cfg` and every nested dataclass that defines one."""
+    """Call validate() on `cfg` and every nested dataclass that defines one (innermost first). A nested config's
+    ConfigError names its field relative to itself ('lr: ...'); this prefixes the dotted path ('train.lr: ...')."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             validate_all(v, f"{where}{f.name}.")
     if hasattr(cfg, "validate"):
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            full = qualify(str(e), where)
+            if full != str(e):
+                raise ConfigError(full) from None
+            raise
+
+
+def qualify(message: str, where: str) -> str:
+    """`message` with its leading field name completed to the dotted path `where` ('a.b.'): 'x: ..' ->
+    'a.b.x: ..'; a message that already names a tail of the path ('b.x: ..') gets only the rest ('a.')."""
+    parts = where.rstrip(".").split(".") if where else []
+    for k in range(len(parts)):
+        if message.startswith(".".join(parts[k:]) + "."):
+            return ".".join(parts[:k]) + ("." if k else "") + message
+    return where + message
 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict:
@@ -153,7 +175,7 @@ def _deep_merge(base: dict, new: dict) -> dict:
 
 def merge_yaml(cfg: Any, path: str | os.PathLike) -> Any:
     """`cfg` with the fields of a YAML file laid on top (nested sections merged); unknown keys name the file."""
-    return from_dict(type(cfg), _deep_merge(to_dict(cfg), read_yaml_mapping(path)), where=str(path))
+    return from_dict(type(cfg), _deep_merge(to_dict(cfg), read_yaml_mapping(path)), where=str(path), template=cfg)
 
 
 def parse_override_args(tokens: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
     megatron-inpo evaluate --policy HF_DIR --baseline HF_DIR --prompts eval.jsonl \
         [--judge-function megatron_inpo.task.oracle:prob_a_beats_b | --judge-config judge.yaml] \
         [--out DIR] [--samples 1] [--max-new-tokens 256] [--temperature 1.0] [--seed 4242] [--limit N]
-        [--rollout-config rollout.yaml] [KEY=VALUE ...]
+        [--config rollout.yaml] [--key=value ...]   (the command: megatron_inpo/cli/evaluate.py)
 
 Each prompt gets `samples` responses from each policy (seeded: the same command gives the same numbers); response
 i of the policy is judged against response i of the baseline in BOTH orders, P = (P(a>b) + 1 - P(b>a)) / 2, which
@@ -14,16 +14,13 @@ statistics of both policies).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from megatron_inpo.config import ConfigError
 from megatron_inpo.files import atomic_write_json, atomic_write_text
 
 
@@ -114,71 +111,3 @@ def evaluate_pair(rollout_cfg: Any, judge: Any, policy: str, baseline: str, prom
     atomic_write_json(out_dir / f"{policy_name}.alpaca_eval.json", alpaca_eval_records(ga, policy_name))
     atomic_write_json(result_path, res)
     return res
-
-
-def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    import yaml
-
-    from megatron_inpo.config import apply_overrides, from_dict, validate_all
-    from megatron_inpo.data.preferences import DataError
-    from megatron_inpo.data.prompts import read_prompts
-    from megatron_inpo.judge.base import JudgeConfig, make_judge
-    from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
-
-    ap = argparse.ArgumentParser(prog="megatron-inpo evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", required=True, help="HF directory of the evaluated policy")
-    ap.add_argument("--baseline", required=True, help="HF directory of the policy it is compared with")
-    ap.add_argument("--prompts", required=True, help="held-out prompt JSONL ({\"id\", \"prompt\", ...})")
-    ap.add_argument("--judge-function", help="'module:function' P(a beats b | prompt) (programmatic judge)")
-    ap.add_argument("--judge-config", help="YAML of a JudgeConfig (pairwise PM / BT RM, local or SGLang)")
-    ap.add_argument("--rollout-config", help="YAML of a RolloutConfig (default: local engine, no chat template)")
-    ap.add_argument("--out", default="eval_out", help="output directory")
-    ap.add_argument("--samples", type=int, default=1, help="responses per prompt and policy")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=4242)
-    ap.add_argument("--limit", type=int, default=0, help="first N prompts only")
-    ap.add_argument("--one-order", action="store_true", help="judge (policy, baseline) only, not both orders")
-    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the rollout config")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        for flag, path in (("--policy", args.policy), ("--baseline", args.baseline)):
-            if not (Path(path) / "config.json").exists():
-                raise ConfigError(f"{flag} {path}: not an HF model directory (no config.json)")
-        if bool(args.judge_function) == bool(args.judge_config):
-            raise ConfigError("give exactly one of --judge-function and --judge-config")
-        if args.judge_function:
-            jcfg = JudgeConfig(kind="programmatic", function=args.judge_function)
-        else:
-            with open(args.judge_config, encoding="utf-8") as f:
-                jcfg = from_dict(JudgeConfig, yaml.safe_load(f) or {}, where=args.judge_config)
-        rcfg = RolloutConfig(model_path=args.policy, chat_template=False)
-        if args.rollout_config:
-            with open(args.rollout_config, encoding="utf-8") as f:
-                rcfg = from_dict(RolloutConfig, {"model_path": args.policy, **(yaml.safe_load(f) or {})},
-                                 where=args.rollout_config)
-        rcfg = apply_overrides(rcfg, args.overrides)
-        validate_all(rcfg)
-        sampling = SamplingConfig(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed)
-        sampling.validate()
-        prompts = read_prompts(args.prompts, limit=args.limit or None)
-        judge = make_judge(jcfg)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"megatron-inpo evaluate: {e}", file=sys.stderr)
-        return 2
-    res = evaluate_pair(rcfg, judge, args.policy, args.baseline, prompts, args.samples, sampling, args.out,
-                        both_orders=not args.one_order)
-    pl, bl = res["policy_length"], res["baseline_length"]
-    print(f"win rate of {args.policy} vs {args.baseline}: {res['win_rate']:.4f} +- {res['stderr']:.4f} "
-          f"(n={res['n']}, judge {res['judge']}); mean length {pl['mean_tokens']:.2f} vs {bl['mean_tokens']:.2f} "
-          f"tokens; results in {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

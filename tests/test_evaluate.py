@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from driver_helpers import run_cli
+from tests.helpers.driver import run_cli
 from megatron_inpo.evaluate import alpaca_eval_records, length_stats, win_rate
 from megatron_inpo.judge import ProgrammaticJudge
 from megatron_inpo.task import prob_a_beats_b

@@ -17,6 +17,24 @@ def test_import_without_megatron():
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr
 
 
+def test_cli_modules_import_without_torch():
+    """The loader and every command module import torch / Megatron-Core only inside the command's body."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'megatron', 'transformer_engine', 'transformers', 'sglang'):\n"
+        "    sys.modules[m] = None\n"
+        "import megatron_inpo.cli, megatron_inpo.cli.loader\n"
+        "from megatron_inpo.cli import COMMANDS\n"
+        "import importlib\n"
+        "for name, (mod, _) in COMMANDS.items():\n"
+        "    if mod.startswith('megatron_inpo.cli.'):\n"
+        "        importlib.import_module(mod)\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr
+
+
 def test_cli_help_and_unknown_command():
     out = subprocess.run([sys.executable, "-m", "megatron_inpo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "verify-nash" in out.stdout

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
 
 
 def build(path: Path, hidden: int, layers: int, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rollout_helpers import BOS, EOS, PAD, make_tokenizer
+    from tests.helpers.rollout import BOS, EOS, PAD, make_tokenizer
 
     tok = make_tokenizer(path)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,

@@ -7,7 +7,7 @@
 Both implementations run the same INPO step on the same synthetic pairs: per-sequence sums of response-token
 log-probs of micro_batch pairs (2 x micro_batch sequences of --seq tokens), the INPO loss, backward and an AdamW
 step. Engine: Megatron-Core GPTModel + DDP + Megatron optimizer through get_forward_backward_func (the exact
-training code path, engine/train.py StepRunner). Baseline: transformers with torch.optim.AdamW. Each runs in its
+training code path, engine/step.py run_schedule). Baseline: transformers with torch.optim.AdamW. Each runs in its
 own subprocess (clean peak memory); the parent prints one JSON line per implementation and the ratios.
 FLOPs: notes/05 formula (engine/metrics.py), counted on all tokens; MFU against --peak-tflops (default: H100 dense
 bf16 989, or 1979 with --fp8; none on CPU).
@@ -58,31 +58,31 @@ def synthetic_pairs(a, n: int):
 
 
 def run_engine(a) -> list[float]:
-    import torch
-
-    from megatron_inpo.engine.logprobs import make_pair_batch
-    from megatron_inpo.engine.train import (StepRunner, TrainConfig, build_optimizer, build_policy, init_runtime,
-                                            wrap_ddp)
+    from megatron_inpo.engine.batches import make_pair_batch
+    from megatron_inpo.engine.config import EngineConfig, ModelConfig, OptimizerConfig, batch_pad_multiple
+    from megatron_inpo.engine.optimizer import build_optimizer
+    from megatron_inpo.engine.policy import build_policy, init_runtime, wrap_ddp
+    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
     from megatron_inpo.objectives import ObjectiveConfig
 
-    rt = init_runtime(1, 1, seed=0)
-    cfg = TrainConfig(precision="bf16" if rt.cuda else "fp32", fp8=a.fp8, layer_spec="te" if a.fp8 else "auto",
-                      lr=1e-6, warmup_ratio=0.0, clip_grad=1.0)
-    built = build_policy(hf_config(a), cfg, rt)
-    precision = cfg.resolved_precision(rt.cuda)
-    model = wrap_ddp(built.model, cfg, precision)
-    opt, sched = build_optimizer(cfg, model, precision, total_steps=1000)
+    engine = EngineConfig(model=ModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"))
+    rt = init_runtime(engine, seed=0)
+    built = build_policy(hf_config(a), engine, rt)
+    precision = engine.model.resolved_precision(rt.cuda)
+    model = wrap_ddp(built.model, engine, precision)
+    opt, sched = build_optimizer(OptimizerConfig(lr=1e-6, warmup_ratio=0.0, clip_grad=1.0), engine.parallel, model,
+                                 precision, total_steps=1000)
     pairs = synthetic_pairs(a, a.micro_batch)
-    # FP8 GEMMs need token rows in multiples of 16, as training pads them (TrainConfig.batch_pad_multiple)
-    batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=16 if a.fp8 else 1)
-    runner = StepRunner("preference", ObjectiveConfig(), built.vocab_size, rt.device)
+    # FP8 GEMMs need token rows in multiples of 16, as training pads them
+    batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=batch_pad_multiple(1, engine))
+    loss = PreferenceLoss(ObjectiveConfig(), built.vocab_size, pairs)
     times = []
     for _ in range(a.steps + a.warmup):
         sync(rt.cuda)
         t = time.perf_counter()
         model[0].zero_grad_buffer()
         opt.zero_grad()
-        runner.run(model, [batch], pairs)
+        run_schedule(model, [batch], loss, rt.device)
         opt.step()
         sched.step(1)
         sync(rt.cuda)
@@ -97,7 +97,7 @@ def run_hf(a) -> list[float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_inpo.engine.logprobs import make_pair_batch
+    from megatron_inpo.engine.batches import make_pair_batch
     from megatron_inpo.objectives import ObjectiveConfig, PairLogps, compute_objective
 
     cuda = torch.cuda.is_available()

@@ -60,14 +60,14 @@ else
 fi
 
 note "pytest bf16 load: master weights follow the loaded checkpoint"
-timeout 180 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_engine_gpu.py \
+timeout 180 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/engine/test_gpu.py \
     -k starts_from_the_init_checkpoint 2>&1 | tee "$OUT/pytest_bf16_load.log" || fail "pytest bf16 load"
 
 note "pytest -m gpu"
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
-timeout 300 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider "${xdist[@]}" tests/test_engine_gpu.py \
-    tests/test_rollout_local.py -k "not starts_from_the_init_checkpoint" 2>&1 | tee "$OUT/pytest_gpu.log" \
+timeout 300 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider "${xdist[@]}" tests/engine/test_gpu.py \
+    tests/rollout/test_local.py -k "not starts_from_the_init_checkpoint" 2>&1 | tee "$OUT/pytest_gpu.log" \
     || fail "pytest -m gpu"
 note "done, status $status"
 exit $status

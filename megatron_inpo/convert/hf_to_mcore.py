@@ -26,10 +26,9 @@ from megatron_inpo.config import ConfigError
 from megatron_inpo.convert import ConvertError
 from megatron_inpo.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsSource
 from megatron_inpo.engine import mapping as M
+from megatron_inpo.engine.checkpoint import FORMAT_VERSION, META_FILE
 from megatron_inpo.engine.model import LlamaArch, padded_vocab
 
-META_FILE = "megatron_inpo.json"
-FORMAT_VERSION = 1
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _NOT_TOKENIZER = {"config.json", INDEX_FILE, SINGLE_FILE, "generation_config.json"}

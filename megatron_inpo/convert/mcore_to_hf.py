@@ -10,7 +10,6 @@ config.json, generation_config.json, tokenizer files; pad rows removed; dtype bf
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,9 +17,11 @@ from typing import Optional
 import torch
 
 from megatron_inpo.convert import ConvertError
-from megatron_inpo.convert.hf_to_mcore import DTYPE_NAMES, META_FILE, arch_for
+from megatron_inpo.convert.hf_to_mcore import DTYPE_NAMES, arch_for
 from megatron_inpo.convert.safetensors_io import INDEX_FILE, SINGLE_FILE
+from megatron_inpo.engine import checkpoint as ckpt
 from megatron_inpo.engine import mapping as M
+from megatron_inpo.engine.checkpoint import META_FILE
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
@@ -43,17 +44,11 @@ def parse_size(s) -> int:
 
 
 def read_meta(mcore_dir: Path) -> dict:
-    p = Path(mcore_dir) / META_FILE
-    if not p.exists():
-        raise ConvertError(f"{mcore_dir}: not a megatron-inpo checkpoint (no {META_FILE}; incomplete or wrong path)")
+    """The checkpoint's megatron_inpo.json, read and checked by engine/checkpoint.py; errors as ConvertError."""
     try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{p}: invalid JSON ({e})") from None
-    for k in ("hf_config", "padded_vocab_size"):
-        if k not in meta:
-            raise ConvertError(f"{p}: missing field {k!r}")
-    return meta
+        return ckpt.read_meta(mcore_dir)
+    except ckpt.CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 class CheckpointReader:

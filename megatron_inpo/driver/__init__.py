@@ -1,3 +1,12 @@
-"""The INPO iteration driver: RunConfig (config.py), recipes (recipes.py), the run manifest (manifest.py), the
-policy stages behind one interface (stages.py: Megatron-Core subprocesses or the torch reference) and the loop of
-Algorithm 1 (loop.py); `megatron-inpo run` is cli.py."""
+"""The INPO iteration driver (`megatron-inpo run`, megatron_inpo/cli/run.py).
+
+    config.py    RunConfig: the run's concerns, embedding the engine's config objects whole (engine/config.py)
+    recipes.py   recipes as functions (tiny_cpu, llama3_8b_h100, llama3_8b_h100_rm, llama3_70b_h100)
+    loop.py      Driver.run(): Algorithm 1, stage by stage, resumable
+    results.py   the typed result of each stage (what the manifest records)
+    manifest.py  the run manifest (stages done, config digest)
+    stages.py    the policy stages behind one interface: MegatronStages (subprocesses) or TorchStages
+    launcher.py  a Megatron stage as a process group (one process, torchrun, one agent per node), its live line
+    torch_stages.py   the in-process transformers reference stages
+    report.py    the table and plot of a run
+"""

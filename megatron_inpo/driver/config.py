@@ -1,6 +1,7 @@
 """RunConfig: everything one `megatron-inpo run` needs, as nested dataclasses (one per concern).
 
-Every field has a docstring; `RunConfig.validate()` (via megatron_inpo.config.validate_all) raises ConfigError
+The policy engine's settings are the engine's own config objects (engine/config.py: `megatron`, `train`, `sft`,
+`logprobs`), embedded whole and handed to the stages as they are. Every field has a docstring; `RunConfig.validate()` (via megatron_inpo.config.validate_all) raises ConfigError
 naming the field. Recipes (driver/recipes.py) are functions returning a RunConfig; `--key=value` overrides and
 YAML files go through megatron_inpo.config.apply_overrides / from_dict. The resolved config is saved as
 `<run_dir>/config.yaml` and a resumed run must match it (driver/manifest.py).
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.engine.config import EngineConfig, LogprobConfig, TrainConfig
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.objectives import ObjectiveConfig
 from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
@@ -40,31 +42,9 @@ class ModelConfig:
 
 
 @dataclass
-class SFTConfig:
-    """The short SFT that makes pi_ref on the synthetic task (source 'synthetic' only)."""
+class LaunchConfig:
+    """How the Megatron stages (convert, log-probs, train) are started: processes, nodes, rendezvous."""
 
-    lr: float = 3e-3
-    """Peak learning rate (cosine, warm-up 3%)."""
-    epochs: int = 3
-    """Passes over the SFT data."""
-    global_batch_size: int = 64
-    """Sequences per optimizer step."""
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"sft.lr: must be > 0, got {self.lr}")
-        if self.epochs < 1 or self.global_batch_size < 1:
-            raise ConfigError("sft.epochs and sft.global_batch_size must be >= 1")
-
-
-@dataclass
-class ParallelConfig:
-    """How the Megatron stages (convert, log-probs, train) are launched; Megatron's names for the sizes."""
-
-    tensor_model_parallel_size: int = 1
-    """TP size of training and the log-prob pass."""
-    pipeline_model_parallel_size: int = 1
-    """PP size of training and the log-prob pass."""
     nproc_per_node: int = 1
     """Processes (GPUs) per node for the Megatron stages; data-parallel size = world / (TP x PP)."""
     nnodes: int = 1
@@ -85,31 +65,26 @@ class ParallelConfig:
     rdzv_id: str = "megatron-inpo"
     """launcher 'rdzv': rendezvous id shared by the agents of one stage (e.g. ${SLURM_JOB_ID})."""
 
-    def data_parallel_size(self) -> int:
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        return self.nproc_per_node * self.nnodes // model_parallel
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
     def validate(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "nproc_per_node", "nnodes"):
+        for name in ("nproc_per_node", "nnodes"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
-        world = self.nproc_per_node * self.nnodes
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if world % mp:
-            raise ConfigError(f"parallel: TP x PP = {mp} does not divide the world size nproc_per_node x nnodes = "
-                              f"{world}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 1024 <= self.master_port <= 65535:
-            raise ConfigError(f"parallel.master_port: must be a port number, got {self.master_port}")
+            raise ConfigError(f"master_port: must be a port number, got {self.master_port}")
         if self.nnodes > 1 and self.launcher == AUTO:
-            raise ConfigError("parallel.launcher: nnodes > 1 needs launcher 'rdzv' (one torchrun agent per node, "
-                              "c10d rendezvous; see launch/slurm_inpo.sbatch) or an explicit command prefix")
+            raise ConfigError("launcher: nnodes > 1 needs launcher 'rdzv' (one torchrun agent per node, c10d "
+                              "rendezvous; see launch/slurm_inpo.sbatch) or an explicit command prefix")
         if self.launcher == "rdzv":
             if not self.node_runner.strip():
-                raise ConfigError("parallel.node_runner: launcher 'rdzv' needs the program that runs one agent per "
-                                  "node (srun --ntasks-per-node=1 ...)")
+                raise ConfigError("node_runner: launcher 'rdzv' needs the program that runs one agent per node "
+                                  "(srun --ntasks-per-node=1 ...)")
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not (port.isdigit() or port.startswith("$")):
-                raise ConfigError(f"parallel.rdzv_endpoint: host:port, got {self.rdzv_endpoint!r}")
+                raise ConfigError(f"rdzv_endpoint: host:port, got {self.rdzv_endpoint!r}")
 
 
 @dataclass
@@ -129,78 +104,9 @@ class AlgorithmConfig:
             raise ConfigError("algorithm.selection: sppo needs win rates from 'all_pairs' (or 'auto')")
 
     def resolved_selection(self, judge_kind: str) -> str:
-        if self.selection != AUTO:
-            return self.selection
-        if self.objective.name == "sppo":
-            return "all_pairs"
-        return "best_worst" if judge_kind == "reward" else "tournament"
+        from megatron_inpo.judge.tournament import resolve_method
 
-
-@dataclass
-class TrainConfig:
-    """The policy update of each iteration (fields map onto megatron_inpo.engine.train.TrainConfig)."""
-
-    lr: float = 5e-7
-    """Peak learning rate (paper: 5e-7 for 8B)."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the cosine decay."""
-    warmup_ratio: float = 0.03
-    """Linear warm-up share of the steps (paper: 0.03)."""
-    lr_decay_style: str = "cosine"
-    """'cosine', 'linear' or 'constant'."""
-    global_batch_size: int = 128
-    """Pairs per optimizer step (paper: 128)."""
-    micro_batch_size: int = 1
-    """Pairs per micro-batch per data-parallel rank."""
-    epochs: int = 1
-    """Passes over each iteration's pairs (paper: 1)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    max_seq_len: int = 4096
-    """Longest prompt + response; longer pairs are an error naming the line."""
-    precision: str = AUTO
-    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
-    layer_spec: str = AUTO
-    """'auto' (Transformer Engine when it imports), 'te' or 'local'."""
-    fp8: str = ""
-    """'' (off), 'hybrid' or 'e4m3' (TE FP8, GPU only)."""
-    use_distributed_optimizer: bool = False
-    """Megatron's distributed optimizer (shards Adam state over data-parallel ranks)."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (TP > 1)."""
-    recompute_activations: bool = False
-    """Full activation recomputation (70B)."""
-    save_interval: int = 0
-    """Checkpoint every this many steps inside a training stage (0: only at the end); a killed stage resumes
-    from the newest one."""
-    logprob_micro_batch_size: int = 4
-    """Pairs per micro-batch of the forward-only log-prob pass."""
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr: must lie in [0, lr], got {self.min_lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"train.lr_decay_style: cosine, linear or constant, got {self.lr_decay_style!r}")
-        for name in ("global_batch_size", "micro_batch_size", "epochs", "max_seq_len", "logprob_micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
-                              f"micro_batch_size {self.micro_batch_size}")
-        if self.save_interval < 0 or self.clip_grad < 0 or self.weight_decay < 0:
-            raise ConfigError("train.save_interval, clip_grad and weight_decay must be >= 0")
-        if self.precision not in (AUTO, "bf16", "fp32"):
-            raise ConfigError(f"train.precision: auto, bf16 or fp32, got {self.precision!r}")
-        if self.layer_spec not in (AUTO, "te", "local"):
-            raise ConfigError(f"train.layer_spec: auto, te or local, got {self.layer_spec!r}")
-        if self.fp8 not in ("", "hybrid", "e4m3"):
-            raise ConfigError(f"train.fp8: '', 'hybrid' or 'e4m3', got {self.fp8!r}")
+        return resolve_method(self.selection, judge_kind, self.objective.name)
 
 
 @dataclass
@@ -250,10 +156,14 @@ class RunConfig:
     """The synthetic task (model.source 'synthetic')."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """pi_ref."""
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    """SFT that creates pi_ref on the synthetic task."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Launch and parallelism of the Megatron stages."""
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3, epochs=3, global_batch_size=64,
+                                                                 micro_batch_size=8))
+    """The short SFT that makes pi_ref on the synthetic task (model.source 'synthetic'): optimizer and schedule."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How the Megatron stages are started (processes, nodes, rendezvous)."""
+    megatron: EngineConfig = field(default_factory=EngineConfig)
+    """The Megatron-Core policy engine of every stage (parallelism, precision, layer spec, FP8); each stage's YAML
+    holds this object as it is."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(model_path=AUTO))
     """Sampling K responses per prompt from pi_t (model_path 'auto' = the driver's export of pi_t)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -261,7 +171,9 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """Objective and pair selection."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Policy update."""
+    """Policy update of each iteration: optimizer and schedule (the paper's: lr 5e-7 cosine, warm-up 0.03, 128)."""
+    logprobs: LogprobConfig = field(default_factory=LogprobConfig)
+    """The forward-only pass that stores log pi_ref and log pi_t of every pair."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Win rate against pi_ref per iteration."""
     rollout_batch_size: int = 64
@@ -292,22 +204,26 @@ class RunConfig:
                 raise ConfigError("eval.prompts: model.source 'hf' needs a held-out prompt file (or eval.enabled=false)")
         elif self.prompts:
             raise ConfigError("prompts: the synthetic task generates its prompts; leave prompts empty")
+        from megatron_inpo.judge.tournament import check_method
+
         sel = self.algorithm.resolved_selection(self.judge.kind)
-        k = self.rollout.sampling.n
-        if sel == "tournament" and (k < 2 or k & (k - 1)):
-            raise ConfigError(f"rollout.sampling.n: the tournament needs K a power of two >= 2, got {k}")
+        check_method(sel, self.rollout.sampling.n)
         if sel in ("best_worst",) and self.judge.kind != "reward" and self.judge.kind != "programmatic":
             raise ConfigError("algorithm.selection: best_worst needs a reward judge (judge.kind 'reward')")
         if self.rollout_batch_size < 1:
             raise ConfigError(f"rollout_batch_size: must be >= 1, got {self.rollout_batch_size}")
         if self.stage_timeout_s < 0:
             raise ConfigError(f"stage_timeout_s: must be >= 0, got {self.stage_timeout_s}")
-        dp = self.parallel.data_parallel_size()
-        if self.train.global_batch_size % (self.train.micro_batch_size * dp):
-            raise ConfigError(f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
-                              f"micro_batch_size x data-parallel size = {self.train.micro_batch_size} x {dp}")
-        if self.model.source == "synthetic" and self.sft.global_batch_size % dp:
-            raise ConfigError(f"sft.global_batch_size: {self.sft.global_batch_size} is not a multiple of the "
-                              f"data-parallel size {dp}")
-        if self.engine == "torch" and self.parallel.nproc_per_node * self.parallel.nnodes > 1:
-            raise ConfigError("engine: 'torch' runs in one process; set parallel.nproc_per_node=1 or engine=megatron")
+        try:
+            dp = self.megatron.parallel.data_parallel_size(self.launch.world_size)
+        except ConfigError as e:
+            raise ConfigError(f"megatron.parallel: {e} (launch.nproc_per_node x launch.nnodes)") from None
+        for name, schedule in (("train", self.train), ("sft", self.sft)):
+            if name == "sft" and self.model.source != "synthetic":
+                continue
+            try:
+                schedule.check_data_parallel(dp)
+            except ConfigError as e:
+                raise ConfigError(f"{name}.{e}") from None
+        if self.engine == "torch" and self.launch.world_size > 1:
+            raise ConfigError("engine: 'torch' runs in one process; set launch.nproc_per_node=1 or engine=megatron")

@@ -12,8 +12,9 @@ written (each stage writes atomically or appends resumably), so a SIGKILL at any
 stage or one that the next run continues (rollout/judge skip finished prompts, the log-prob pass keeps finished
 chunks, training resumes from its newest step checkpoint). Nothing is redone, nothing is duplicated.
 
-`<run_dir>/server_memory.json` (ServerMemoryRecord) records whether each SGLang server released its GPU memory
-(server_memory_saver), so a restarted driver neither resumes memory that was not released nor releases twice.
+`<run_dir>/server_memory.json` (megatron_inpo.serving.memory.ServerMemoryRecord) records whether each SGLang server
+released its GPU memory (server_memory_saver), so a restarted driver neither resumes memory that was not released
+nor releases twice.
 
 `<run_dir>/config.yaml` is the resolved config; a resumed run must resolve to the same config, or it is refused
 with the differing fields named (a silently changed config would mix two experiments in one run).
@@ -137,48 +138,3 @@ class Manifest:
 
     def stage_seconds(self) -> dict[str, float]:
         return {k: v["seconds"] for k, v in self.data["stages"].items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SGLang servers' memory (server_memory_saver)
-
-MEMORY_FILE = "server_memory.json"
-MEMORY_STABLE = {"release": "released", "resume": "resumed"}
-"""The state a server is in once the call of that name took effect."""
-MEMORY_IN_FLIGHT = {"release": "releasing", "resume": "resuming"}
-"""Recorded just before the call is sent: found on a restart, the call may or may not have taken effect."""
-
-
-class ServerMemoryRecord:
-    """Whether each SGLang server of the run holds or has released its GPU memory, in `<run_dir>/server_memory.json`
-    (next to manifest.json, written atomically at every change)::
-
-        {"format_version": 1,
-         "servers": {"http://127.0.0.1:30000": {"state": "released", "tags": ["weights", "kv_cache"],
-                                                 "startup_time": "{\"cuda_graph\": ..., \"load_weight\": 41.7, ...}"}}}
-
-    The record outlives the driver process because the calls are not idempotent: SGLang exits on a resume of memory
-    that was not released, and a second release pauses the regions twice. `startup_time` (GET /server_info) tells
-    a restarted server (which holds its memory again) from the one the state was recorded for.
-    """
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / MEMORY_FILE
-        self.servers: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{self.path}: corrupt record of the servers' memory ({e.msg}); it is written "
-                                  "atomically, so it was edited by hand or by another program") from None
-            if data.get("format_version") != FORMAT_VERSION:
-                raise ConfigError(f"{self.path}: format {data.get('format_version')} is not {FORMAT_VERSION}")
-            self.servers = data.get("servers", {})
-
-    def get(self, url: str) -> dict[str, Any] | None:
-        return self.servers.get(url)
-
-    def set(self, url: str, state: str, tags: list[str], startup_time: str | None) -> None:
-        self.servers[url] = {"state": state, "tags": list(tags), "startup_time": startup_time,
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_json(self.path, {"format_version": FORMAT_VERSION, "servers": self.servers})

@@ -3,13 +3,18 @@
 - tiny_cpu          the embedded default: synthetic task, tiny Llama, 2 CPU cores, minutes.
 - llama3_8b_h100    the paper's setting on one 8xH100 node (RLHFlow/LLaMA3-SFT, pairwise PM on SGLang).
 - llama3_70b_h100   Llama-3-70B on several 8xH100 nodes (TP8 x PP4 training; SGLang rollout servers).
+- llama3_8b_h100_rm as llama3_8b_h100, judged by a Bradley-Terry reward model (best / worst of K).
+
+One registry for every command: `megatron-inpo rollout --recipe NAME` takes a recipe's rollout, judge and pair
+selection (megatron_inpo/cli/rollout.py).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from megatron_inpo.driver.config import (AlgorithmConfig, EvalConfig, ModelConfig, ParallelConfig, RunConfig,
-                                         SFTConfig, TrainConfig)
+from megatron_inpo.driver.config import AlgorithmConfig, EvalConfig, LaunchConfig, ModelConfig, RunConfig
+from megatron_inpo.engine.config import (EngineConfig, LogprobConfig, ModelConfig as EngineModelConfig,
+                                         ParallelConfig, TrainConfig)
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.objectives import ObjectiveConfig
 from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
@@ -52,14 +57,18 @@ def tiny_cpu() -> RunConfig:
         engine="auto",
         task=TaskConfig(prompts_per_iteration=256, eval_prompts=512, sft_examples=4096),
         model=ModelConfig(source="synthetic", export_dtype="float32"),
-        sft=SFTConfig(lr=3e-3, epochs=3, global_batch_size=64),
-        parallel=ParallelConfig(nproc_per_node=1),
+        # the whole SFT global batch in one micro-batch (tiny model: fewest passes)
+        sft=TrainConfig(lr=3e-3, warmup_ratio=0.03, epochs=3, global_batch_size=64, micro_batch_size=64,
+                        max_seq_len=64),
+        launch=LaunchConfig(nproc_per_node=1),
+        megatron=EngineConfig(model=EngineModelConfig(precision="fp32", layer_spec="local")),
         rollout=RolloutConfig(backend="local", model_path="auto", chat_template=False, max_batch_sequences=512,
                               sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=16, seed=1)),
         judge=JudgeConfig(kind="programmatic", function="megatron_inpo.task.oracle:prob_a_beats_b"),
         algorithm=AlgorithmConfig(objective=ObjectiveConfig(name="inpo", eta=0.1, tau=0.1 / 3, beta=0.1)),
         train=TrainConfig(lr=1e-3, warmup_ratio=0.03, global_batch_size=32, micro_batch_size=8, epochs=2,
-                          max_seq_len=64, precision="fp32", layer_spec="local", logprob_micro_batch_size=32),
+                          max_seq_len=64),
+        logprobs=LogprobConfig(micro_batch_size=32),
         eval=EvalConfig(samples_per_prompt=1,
                         sampling=SamplingConfig(n=1, temperature=1.0, max_new_tokens=16, seed=4242)),
         rollout_batch_size=256,
@@ -78,14 +87,16 @@ def llama3_8b_h100() -> RunConfig:
         engine="megatron",
         prompts=[f"data/iterative-prompt-v1-iter{t}-20K.jsonl" for t in (1, 2, 3)],
         model=ModelConfig(source="hf", hf_path="models/LLaMA3-SFT", export_dtype="bfloat16"),
-        parallel=ParallelConfig(tensor_model_parallel_size=2, nproc_per_node=8),
+        launch=LaunchConfig(nproc_per_node=8),
+        megatron=EngineConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=True),
+                              model=EngineModelConfig(precision="bf16")),
         rollout=RolloutConfig(backend="sglang", model_path="auto", server_urls=["http://127.0.0.1:30000"],
                               concurrency=64, request_prompts=8,
                               sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=2048, seed=1)),
         judge=_pm_judge(["http://127.0.0.1:30100"]),
         algorithm=_paper_algorithm(),
         train=TrainConfig(lr=5e-7, warmup_ratio=0.03, global_batch_size=128, micro_batch_size=1, epochs=1,
-                          max_seq_len=4096, precision="bf16", use_distributed_optimizer=True, save_interval=20),
+                          max_seq_len=4096, save_interval=20),
         eval=EvalConfig(prompts="data/heldout-prompts.jsonl", num_prompts=805,
                         sampling=SamplingConfig(n=1, temperature=0.7, max_new_tokens=2048, seed=4242)),
         rollout_batch_size=512,
@@ -99,15 +110,25 @@ def llama3_70b_h100() -> RunConfig:
     cfg = llama3_8b_h100()
     cfg.run_dir = "runs/llama3_70b_inpo"
     cfg.model.hf_path = "models/Llama-3-70B-SFT"
-    cfg.parallel = ParallelConfig(
-        tensor_model_parallel_size=8, pipeline_model_parallel_size=4, nproc_per_node=8, nnodes=4,
-        launcher="rdzv", rdzv_endpoint="${MASTER_ADDR}:29700", rdzv_id="${SLURM_JOB_ID}")
+    cfg.launch = LaunchConfig(nproc_per_node=8, nnodes=4, launcher="rdzv", rdzv_endpoint="${MASTER_ADDR}:29700",
+                              rdzv_id="${SLURM_JOB_ID}")
+    cfg.megatron.parallel = ParallelConfig(tensor_model_parallel_size=8, pipeline_model_parallel_size=4,
+                                           sequence_parallel=True, use_distributed_optimizer=True)
+    cfg.megatron.model.recompute_activations = True
     # one policy server per node (TP8 each), started by launch/slurm_inpo.sbatch; the PM shares node 0
     cfg.rollout.server_urls = [f"http://node{i}:30000" for i in range(4)]
     cfg.judge.server_urls = ["http://node0:30100"]
-    cfg.train.sequence_parallel = True
-    cfg.train.recompute_activations = True
     cfg.train.save_interval = 10
+    return cfg
+
+
+def llama3_8b_h100_rm() -> RunConfig:
+    """As llama3_8b_h100, judged by a Bradley-Terry reward model on an SGLang --is-embedding server:
+    y_w / y_l = best / worst of the K = 8 responses by reward."""
+    cfg = llama3_8b_h100()
+    cfg.run_dir = "runs/llama3_8b_inpo_rm"
+    cfg.judge = _rm_judge(list(cfg.judge.server_urls))
+    cfg.algorithm.selection = "best_worst"
     return cfg
 
 
@@ -115,6 +136,7 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     "tiny_cpu": tiny_cpu,
     "llama3_8b_h100": llama3_8b_h100,
     "llama3_70b_h100": llama3_70b_h100,
+    "llama3_8b_h100_rm": llama3_8b_h100_rm,
 }
 
 

@@ -12,12 +12,12 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from megatron_inpo.engine.config import TrainConfig
 from megatron_inpo.files import atomic_directory, atomic_write_bytes, atomic_write_json
 
 
@@ -85,20 +85,6 @@ def compute_logps(data: str | Path, output: str | Path, ref_dir: str | Path, las
     return len(pairs)
 
 
-@dataclass
-class TorchTrainArgs:
-    lr: float
-    epochs: int
-    global_batch_size: int
-    warmup_ratio: float
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    seed: int = 1234
-    save_interval: int = 0
-    stop_after_steps: int = 0
-
-
 def _schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
     if warmup and step < warmup:
         return (step + 1) / (warmup + 1)
@@ -112,26 +98,35 @@ class StageInterrupted(RuntimeError):
 
 def train_hf(init_dir: str | Path, out_dir: str | Path, n_items: int,
              loss_fn: Callable[[torch.nn.Module, list[int]], tuple[torch.Tensor, dict]],
-             args: TorchTrainArgs, log: Callable[[int, dict], None] | None = None) -> dict:
-    """A resumable AdamW loop with cosine schedule. Writes `out_dir/model` (HF dir) and `out_dir/result.json`.
+             schedule: TrainConfig, seed: int, log: Callable[[int, dict], None] | None = None) -> dict:
+    """A resumable AdamW loop with a cosine schedule, as `schedule` (engine.config.TrainConfig) sets it: lr,
+    min_lr, warmup_ratio, weight_decay, Adam betas / eps, clip_grad, global_batch_size, epochs, stop_after_steps.
+    Writes `out_dir/model` (HF dir) and `out_dir/result.json`.
 
     `loss_fn(model, item_indices)` returns the mean loss over those items and float metrics. A step checkpoint
-    (`out_dir/resume.pt`: model, optimizer, step) is written every save_interval steps; re-running resumes it.
+    (`out_dir/resume.pt`: model, optimizer, step) is written after every step (or every save_interval steps);
+    re-running resumes it. The data order is the engine's (engine.batches.step_items).
     """
+    from megatron_inpo.engine.batches import step_items
+
+    args = schedule
+    save_interval = max(1, args.save_interval)
     out_dir = Path(out_dir)
     result_path = out_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = load_model(init_dir).train()
     per_epoch = n_items // args.global_batch_size
     if per_epoch < 1:
         raise ValueError(f"{n_items} training items, fewer than one global batch ({args.global_batch_size})")
     total = per_epoch * args.epochs
     warmup = int(round(args.warmup_ratio * total))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup, args.min_lr_ratio))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    min_ratio = args.min_lr / args.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup, min_ratio))
     start = 0
     resume = out_dir / "resume.pt"
     if resume.exists():
@@ -143,10 +138,7 @@ def train_hf(init_dir: str | Path, out_dir: str | Path, n_items: int,
     metrics: dict = {}
     done_here = 0
     for step in range(start, total):
-        epoch, slot = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
-        order = torch.randperm(n_items, generator=g).tolist()
-        idx = order[slot * args.global_batch_size : (slot + 1) * args.global_batch_size]
+        idx = step_items(step, n_items, args.global_batch_size, seed, shuffle=True)
         opt.zero_grad(set_to_none=True)
         loss, metrics = loss_fn(model, idx)
         loss.backward()
@@ -157,7 +149,7 @@ def train_hf(init_dir: str | Path, out_dir: str | Path, n_items: int,
         if log is not None:
             log(step + 1, metrics)
         done_here += 1
-        if args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < total:
+        if (step + 1) % save_interval == 0 and step + 1 < total:
             import io
 
             buf = io.BytesIO()

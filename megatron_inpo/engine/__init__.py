@@ -1,5 +1,20 @@
-"""The Megatron-Core policy engine: model building, CPU/gloo mode, the log-prob pass, training and checkpoints.
+"""The Megatron-Core policy engine: one config tree, the model, its parallel runtime, the training and log-prob
+stages and their checkpoints.
 
-This is the only package that imports megatron.core (and transformer_engine), always lazily inside submodules, so
+    config.py      EngineConfig (parallel, model), TrainConfig(OptimizerConfig), LogprobConfig, and the stage
+                   configs TrainStageConfig / LogprobStageConfig that `megatron-inpo train` / `logprobs` run
+    train.py       train(TrainStageConfig): the step loop, checkpoints, exact resume
+    logprobs.py    run_logprobs(LogprobStageConfig): the resumable forward-only pass
+    step.py        run_schedule(model, batches, loss): one forward_step for every stage; losses as objects
+                   (PreferenceLoss, SFTLoss, PairLogpsProbe); global_metrics
+    batches.py     SequenceBatch, pair / SFT micro-batches, the seeded data order (step_items)
+    optimizer.py   build_optimizer, the fused torch AdamW, the torch-Adam repairs around loads
+    policy.py      init_runtime, build_policy, wrap_ddp, load_frozen_policy
+    model.py       build_model: GPTModel for the Llama family from an HF config.json (local / TE spec)
+    checkpoint.py  the checkpoint format (META_FILE, read_meta; shared with the converters), save / load
+    parallel.py, cpu.py   Megatron's process groups; the CPU (gloo) mode
+    mapping.py     HF <-> Megatron parameter names and layouts;  metrics.py  FLOPs, MFU, scalar log, progress
+
+This is the only package that imports megatron.core (and transformer_engine), always lazily inside functions, so
 `import megatron_inpo.engine` itself stays cheap and works without them.
 """

@@ -162,15 +162,12 @@ def _broadcast_str(s: str) -> str:
 DIST_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
-def _parts(optimizer) -> list:
-    """The optimizers inside a Megatron ChainedOptimizer (or the one given)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _uses_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer) for o in _parts(optimizer))
+    from megatron_inpo.engine.optimizer import optimizer_parts
+
+    return any(isinstance(o, DistributedOptimizer) for o in optimizer_parts(optimizer))
 
 
 def _optimizer_format(optimizer) -> str:
@@ -194,80 +191,6 @@ def _check_optimizer_layout(path: Path, meta: dict, optimizer, same_layout: bool
             f"{path}: distributed-optimizer state was saved at TP={meta['tp']} PP={meta['pp']} and loads only at that "
             f"layout (any DP); resume there, or start a new stage from it as --init-checkpoint (weights only)")
     return saved
-
-
-def torch_adams(optimizer):
-    """(Megatron optimizer, torch Adam/AdamW inside it) of a Megatron (chained) optimizer."""
-    import torch
-
-    for opt in _parts(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            yield opt, inner
-
-
-def _distributed_adam_params(optimizer):
-    """(torch Adam, param group, parameter) of every parameter that a distributed optimizer updates with torch's
-    Adam/AdamW (the fallback without apex or TE, where megatron-core 0.16.1 needs the two repairs below)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt, adam in torch_adams(optimizer):
-        if isinstance(opt, DistributedOptimizer):
-            for group in adam.param_groups:
-                for p in group["params"]:
-                    yield adam, group, p
-
-
-def _adam_step(value: float, group: dict, param):
-    """A `step` tensor as torch's Adam keeps it: on the parameter's device for fused / capturable groups."""
-    import torch
-
-    on_device = group.get("fused") or group.get("capturable")
-    return torch.tensor(float(value), dtype=torch.float32, device=param.device if on_device else "cpu")
-
-
-def _give_adam_state_to_load_into(optimizer) -> None:
-    """Zero Adam state for every parameter of a distributed optimizer that has not stepped yet.
-
-    Without apex or TE, megatron-core 0.16.1's DistributedOptimizer uses torch's AdamW and builds the state dict
-    to load into from `state["step"]` of each parameter, which torch creates only at the first step (an empty
-    state fails an assertion). The load overwrites these values.
-    """
-    import torch
-
-    for adam, group, p in _distributed_adam_params(optimizer):
-        state = adam.state[p]
-        if not state:
-            state["step"] = _adam_step(0, group, p)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Give each parameter of a loaded distributed optimizer its own, correct Adam `step`.
-
-    With torch's AdamW, megatron-core 0.16.1 saves the step in the param groups, puts one shared tensor into every
-    parameter's state on load and then overwrites it with the per-bucket value of the dp_reshardable state, which
-    is not the step (a resumed run restarted Adam's bias correction at 1). torch's AdamW also adds 1 to each entry
-    of its list of steps in place, so a shared tensor would advance once per parameter.
-    """
-    for adam, group, p in _distributed_adam_params(optimizer):
-        state = adam.state.get(p)
-        if state and group.get("step") is not None:
-            state["step"] = _adam_step(group["step"], group, p)
-
-
-def sync_master_weights(optimizer) -> None:
-    """Copy the model's current weights into the optimizer's fp32 master weights.
-
-    Megatron's bf16 / fp16 optimizers (Float16OptimizerWithFloat16Params and the DistributedOptimizer) copy the
-    model weights into fp32 masters once, when they are built, and each step writes the updated masters back
-    into the model. Weights loaded into the model after that are therefore overwritten by the first step with the
-    weights the model had at build time (the random init), unless the masters are refreshed, as Megatron-LM's
-    training/checkpointing.py does after a model-only load. Call after every such load; a no-op for fp32, whose
-    optimizer updates the model's parameters themselves.
-    """
-    optimizer.reload_model_params()
 
 
 def save_checkpoint(
@@ -384,6 +307,8 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    from megatron_inpo.engine import optimizer as optimizer_repairs
+
     path = Path(path)
     meta = read_meta(path)
     model_sd = _model_sharded(model_chunks)
@@ -397,7 +322,7 @@ def load_checkpoint(
         if not meta.get("has_optimizer"):
             raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
         saved_format = _check_optimizer_layout(path, meta, optimizer, same_layout)
-        _give_adam_state_to_load_into(optimizer)
+        optimizer_repairs.prepare_adam_state_for_load(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
             _model_sharded(model_chunks), is_loading=True, metadata=_optimizer_metadata(saved_format))
     want_rng = load_rng and same_layout and meta.get("has_rng", False)
@@ -433,12 +358,12 @@ def load_checkpoint(
 
         # Megatron's optimizer state holds the fp32 master weights (fp32_param / the distributed optimizer's
         # shards), so a resume restores them bit for bit; no refresh from the (bf16) model weights here, which
-        # would round them (tests/test_engine_parallel.py checks both optimizers).
+        # would round them (tests/engine/test_parallel.py checks both optimizers).
         with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer)
+        optimizer_repairs.restore_adam_steps(optimizer)
     if weights_only_optimizer is not None:
-        sync_master_weights(weights_only_optimizer)
+        optimizer_repairs.sync_master_weights(weights_only_optimizer)
     if scheduler is not None:
         common = dist_checkpointing.load_common_state_dict(str(path))
         if "scheduler" in common:

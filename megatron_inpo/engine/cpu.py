@@ -31,11 +31,6 @@ _enabled = False
 _mode = None
 
 
-def cpu_mode_enabled() -> bool:
-    """Whether the CPU patches are active in this process."""
-    return _enabled
-
-
 def _is_cuda(d) -> bool:
     if isinstance(d, str):
         return d.startswith("cuda")

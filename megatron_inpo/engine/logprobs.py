@@ -1,18 +1,14 @@
-"""Response-token log-probs under a Megatron-Core GPTModel, and the forward-only pass that stores them.
+"""The forward-only log-prob pass: log pi_ref and log pi_t of every (y_w, y_l) of a preference file.
 
-Sequences are `prompt_ids + response_ids`; the model reads all but the last token and each position predicts the
-next one, so the log-prob of response token j is read at position len(prompt) + j - 1. Prompt tokens and padding
-have loss-mask 0. Padding is on the right of a causal model, so real positions never see it: the masks are exact
-and the sums equal an unpadded forward. Vocabulary rows added for TP divisibility are masked out of the softmax, so
-the numbers equal a transformers forward of the same weights (pad rows are not tokens).
+    megatron-inpo logprobs --config stage.yaml      (an engine.config.LogprobStageConfig; `run_logprobs`)
 
-A micro-batch of B pairs holds 2B sequences [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]: chosen and
-rejected of a pair are always in the same micro-batch, which is what a pairwise loss inside Megatron's pipeline
-schedule (one loss_func call per micro-batch) needs.
-
-The log-prob pass (`run_logprob_pass`) reads a preference JSONL and writes a new one with ref_chosen_logp,
-ref_rejected_logp, last_chosen_logp and last_rejected_logp for every pair: results go to a progress directory chunk
-by chunk (a restart skips finished chunks), and the final file is written atomically.
+Results go to a progress directory next to the output (`.<output>.logprobs-progress/`) chunk by chunk, so a re-run
+after a crash continues where it stopped; the output (the pairs with ref_chosen_logp, ref_rejected_logp,
+last_chosen_logp, last_rejected_logp) is written atomically at the end and the progress directory removed. An
+existing output is left alone (stage done). With no last_checkpoint (iteration 1, pi_1 = pi_ref) the last_*
+columns are copies of the ref_* ones. Log-probs come from the same schedule and forward_step as training
+(engine/step.py); vocabulary rows added for TP divisibility are masked out of the softmax, so the numbers equal a
+transformers forward of the same weights.
 """
 from __future__ import annotations
 
@@ -20,156 +16,15 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from megatron_inpo.data.preferences import PreferencePair
+from megatron_inpo.engine.batches import SequenceBatch
+from megatron_inpo.engine.config import LogprobStageConfig
 from megatron_inpo.faults import hold_if_requested
-
-from megatron_inpo.data.preferences import DataError, PreferencePair
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Batches
-
-
-@dataclass
-class SequenceBatch:
-    """Right-padded sequences ready for GPTModel.forward; every tensor is [n, S]."""
-
-    tokens: torch.Tensor
-    """Input token ids (the full sequence without its last token), padded with 0."""
-    position_ids: torch.Tensor
-    """0..S-1 per row (padding positions get positions too; they are masked)."""
-    labels: torch.Tensor
-    """Next-token targets: labels[i, p] = sequence[i][p + 1]; 0 on padding."""
-    loss_mask: torch.Tensor
-    """1.0 where labels[i, p] is a response token, else 0.0 (prompt and padding)."""
-    lengths: torch.Tensor | None = None
-    """[n] real (unpadded) input length of each row."""
-    num_pairs: int = 0
-    """B for a pair batch (rows [0, B) chosen, [B, 2B) rejected); 0 for a plain sequence batch (SFT)."""
-    indices: tuple[int, ...] = ()
-    """Dataset indices of the pairs (or sequences) in this micro-batch, for bookkeeping."""
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.tokens.shape[1])
-
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
-
-    @property
-    def num_real_tokens(self) -> int:
-        """Tokens that are not padding (prompt + response - 1 per row)."""
-        return int(self.lengths.sum().item()) if self.lengths is not None else self.tokens.numel()
-
-    def to(self, device: torch.device | str) -> "SequenceBatch":
-        return SequenceBatch(self.tokens.to(device), self.position_ids.to(device), self.labels.to(device),
-                             self.loss_mask.to(device), self.lengths, self.num_pairs, self.indices)
-
-
-def sequence_length(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:
-    """Input length of one sequence (prompt + response - 1)."""
-    return len(prompt_ids) + len(response_ids) - 1
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def make_sequence_batch(
-    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    pad_to: int | None = None,
-    pad_multiple: int = 1,
-    num_pairs: int = 0,
-    indices: Sequence[int] = (),
-) -> SequenceBatch:
-    """Pack (prompt_ids, response_ids) sequences into a right-padded batch of length max(len), rounded up to
-    `pad_multiple`, or exactly `pad_to` when given (so every micro-batch of a pipeline step has one shape)."""
-    lens = []
-    for k, (p, r) in enumerate(seqs):
-        if len(p) == 0:
-            raise DataError(f"sequence {indices[k] if indices else k}: empty prompt_ids; the first response token "
-                            "needs a context (put BOS in the prompt)")
-        if len(r) == 0:
-            raise DataError(f"sequence {indices[k] if indices else k}: empty response")
-        lens.append(sequence_length(p, r))
-    S = round_up(max(lens), pad_multiple)
-    if pad_to is not None:
-        if pad_to < S:
-            raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence ({S})")
-        S = pad_to
-    n = len(seqs)
-    tokens = torch.zeros(n, S, dtype=torch.long)
-    labels = torch.zeros(n, S, dtype=torch.long)
-    mask = torch.zeros(n, S, dtype=torch.float32)
-    for i, (p, r) in enumerate(seqs):
-        full = torch.tensor(list(p) + list(r), dtype=torch.long)
-        L = len(full) - 1
-        tokens[i, :L] = full[:-1]
-        labels[i, :L] = full[1:]
-        mask[i, len(p) - 1 : L] = 1.0
-    pos = torch.arange(S, dtype=torch.long).unsqueeze(0).expand(n, S).contiguous()
-    return SequenceBatch(tokens, pos, labels, mask, torch.tensor(lens, dtype=torch.long), num_pairs, tuple(indices))
-
-
-def pair_sequences(pairs: Sequence[PreferencePair]) -> list[tuple[list[int], list[int]]]:
-    """[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}] as (prompt_ids, response_ids)."""
-    return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-
-
-def pair_length(p: PreferencePair) -> int:
-    return max(sequence_length(p.prompt_ids, p.chosen_ids), sequence_length(p.prompt_ids, p.rejected_ids))
-
-
-def make_pair_batch(pairs: Sequence[PreferencePair], indices: Sequence[int] = (), pad_to: int | None = None,
-                    pad_multiple: int = 1) -> SequenceBatch:
-    return make_sequence_batch(pair_sequences(pairs), pad_to=pad_to, pad_multiple=pad_multiple,
-                               num_pairs=len(pairs), indices=indices)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Log-probs from (vocab-parallel) logits
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    """log p(labels) per position from logits [b, s, V/tp] split over the tensor-parallel group.
-
-    Uses Megatron's vocab-parallel cross entropy (float32 inside). Columns of the padded vocabulary at or beyond
-    `vocab_size` are excluded from the softmax.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    logits = logits.float()
-    if vocab_size is not None:
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        local = logits.shape[-1]
-        start = tp_rank * local
-        if start + local > vocab_size:
-            cols = torch.arange(start, start + local, device=logits.device) >= vocab_size
-            logits = logits.masked_fill(cols, float("-inf"))
-    # vocab_parallel_cross_entropy flattens leading dims; it returns -log p(label).
-    return -vocab_parallel_cross_entropy(logits, labels)
-
-
-def sequence_logps(logits: torch.Tensor, batch: SequenceBatch, vocab_size: int | None = None) -> torch.Tensor:
-    """Per-sequence sums of response-token log-probs, [n]."""
-    return (token_logps(logits, batch.labels, vocab_size) * batch.loss_mask).sum(dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Forward-only pass through Megatron's schedule
-
-
-def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int, sort: bool = True) -> list[list[int]]:
-    """Group item indices into micro-batches of `micro_batch_size`; longest first when sorting (less padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else list(range(len(lengths)))
-    return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
 
 def forward_pair_logps(
@@ -178,49 +33,24 @@ def forward_pair_logps(
     vocab_size: int | None,
     device: torch.device | str = "cpu",
 ) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] | None:
-    """Forward-only through get_forward_backward_func; every batch holds pairs.
+    """Forward-only through the schedule; every batch holds pairs and all have one shape (on every pipeline stage).
 
-    All pipeline stages must pass the same `batches` (same shapes). Returns, on the last pipeline stage, a list of
-    (indices, chosen_logps [B], rejected_logps [B]) per micro-batch; None on other stages.
+    Returns, on the last pipeline stage, (indices, chosen_logps [B], rejected_logps [B]) per micro-batch; None on
+    other stages.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_inpo.engine.step import PairLogpsProbe, run_schedule
 
     if not batches:
         return [] if ps.is_pipeline_last_stage() else None
-    S = batches[0].seq_len
-    mbs = batches[0].tokens.shape[0]
-    for b in batches:
-        if b.tokens.shape != (mbs, S):
-            raise ValueError("forward_pair_logps: every micro-batch of one call must have the same shape")
-
-    def loss_func(batch: SequenceBatch, output: torch.Tensor):
-        lp = sequence_logps(output, batch, vocab_size)
-        B = batch.num_pairs
-        return lp.sum() * 0.0, {"chosen": lp[:B].detach(), "rejected": lp[B:].detach(), "indices": batch.indices}
-
-    def forward_step(data_iterator: Iterator[SequenceBatch], chunk):
-        b = next(data_iterator)
-        out = chunk(b.tokens, b.position_ids, attention_mask=None)
-        return out, lambda o: loss_func(b, o)
-
-    # on the device before the schedule: a blocking copy inside it would wait for the queued forward
-    staged = [b.to(device) for b in batches]
-    with torch.no_grad():
-        store = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(staged), model=model,
-            num_microbatches=len(batches), seq_length=S, micro_batch_size=mbs, forward_only=True,
-        )
+    store = run_schedule(model, batches, PairLogpsProbe(vocab_size), device, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
     return [(d["indices"], d["chosen"].float().cpu(), d["rejected"].float().cpu()) for d in store]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The log-prob pass over a preference file
-
-
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -294,6 +124,8 @@ def compute_role_logps(
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_inpo.engine import batches as batches_lib
+
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
     # Rank 0 reads the finished chunks and tells everybody: every rank must skip exactly the same chunks, or the
@@ -312,7 +144,7 @@ def compute_role_logps(
                 progress(hi - lo)
             continue
         chunk = list(range(lo, hi))
-        plan = plan_micro_batches([pair_length(pairs[i]) for i in chunk], micro_batch_size)
+        plan = batches_lib.plan_micro_batches([batches_lib.pair_length(pairs[i]) for i in chunk], micro_batch_size)
         mine = [[chunk[j] for j in mb] for k, mb in enumerate(plan) if k % dp_size == dp_rank]
         results: list = []
         # One schedule call per group of equal-size micro-batches with one padded length: the last micro-batch
@@ -321,8 +153,8 @@ def compute_role_logps(
         for mb in mine:
             groups.setdefault(len(mb), []).append(mb)
         for size, mbs in groups.items():
-            S = round_up(max(pair_length(pairs[i]) for mb in mbs for i in mb), pad_multiple)
-            batches = [make_pair_batch([pairs[i] for i in mb], indices=mb, pad_to=S) for mb in mbs]
+            S = batches_lib.round_up(max(batches_lib.pair_length(pairs[i]) for mb in mbs for i in mb), pad_multiple)
+            batches = [batches_lib.make_pair_batch([pairs[i] for i in mb], indices=mb, pad_to=S) for mb in mbs]
             out = forward_pair_logps(model, batches, vocab_size, device)
             if out is not None and ps.get_tensor_model_parallel_rank() == 0:
                 for idx, ch, rj in out:
@@ -365,5 +197,56 @@ def progress_dir(out_path: str | os.PathLike) -> Path:
 
 
 def store_key(input_path: Path, role: str, model_dir: str, micro_batch_size: int, chunk_pairs: int) -> dict:
-    return {"input_sha256": _file_digest(input_path), "role": role, "model_dir": str(Path(model_dir).resolve()),
+    return {"input_sha256": file_digest(input_path), "role": role, "model_dir": str(Path(model_dir).resolve()),
             "micro_batch_size": micro_batch_size, "chunk_pairs": chunk_pairs}
+
+
+def run_logprobs(cfg: LogprobStageConfig) -> dict:
+    """Compute and write the four log-prob columns (resuming a cut run); returns a small summary."""
+    import torch.distributed as dist
+
+    from megatron_inpo.config import validate_all
+    from megatron_inpo.data.preferences import read_preferences
+    from megatron_inpo.engine import checkpoint as ckpt
+    from megatron_inpo.engine.config import batch_pad_multiple
+    from megatron_inpo.engine.metrics import StageProgress
+    from megatron_inpo.engine.policy import init_runtime, load_frozen_policy
+
+    validate_all(cfg)
+    out = Path(cfg.output)
+    if out.exists():
+        return {"output": str(out), "skipped": True}
+    pairs = read_preferences(cfg.data)
+    for path in (cfg.ref_checkpoint, cfg.last_checkpoint):
+        if path:
+            ckpt.read_meta(path)  # a wrong path fails before any process group exists
+    runtime = init_runtime(cfg.megatron, cfg.seed)
+    cfg.megatron.validate_runtime(runtime.world_size, runtime.cuda)
+    roles = [("ref", cfg.ref_checkpoint)] + ([] if cfg.same_models() else [("last", cfg.last_checkpoint)])
+    pdir = progress_dir(out)
+    lc = cfg.logprobs
+    values: dict[str, list] = {}
+    computed: dict[str, int] = {}
+    for role, path in roles:
+        model, built = load_frozen_policy(path, cfg.megatron, runtime)
+        key = store_key(Path(cfg.data), role, path, lc.micro_batch_size, lc.chunk_pairs)
+        # Only rank 0 touches the progress files; compute_role_logps broadcasts what is done.
+        store = ProgressStore(pdir / role, key) if runtime.rank == 0 else None
+        progress = StageProgress(f"logprobs[{role}]", len(pairs), 0, "pair", bar=cfg.progress,
+                                 path=cfg.progress_file, enabled=runtime.rank == 0)
+        values[role], computed[role] = compute_role_logps(
+            role, pairs, [model], built.vocab_size, lc.micro_batch_size, lc.chunk_pairs, store,
+            pad_multiple=batch_pad_multiple(lc.pad_multiple, cfg.megatron), device=runtime.device,
+            progress=progress.update)
+        progress.close()
+        del model, built
+        if runtime.cuda:
+            torch.cuda.empty_cache()
+    if "last" not in values:
+        values["last"] = values["ref"]
+    if runtime.rank == 0:
+        write_with_logps(pairs, values["ref"], values["last"], out)
+    dist.barrier()
+    if runtime.rank == 0:
+        shutil.rmtree(pdir, ignore_errors=True)
+    return {"output": str(out), "pairs": len(pairs), "computed_chunks": computed, "rank0": runtime.rank == 0}

@@ -20,14 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-PEAK_TFLOPS: dict[str, float] = {
-    "h100-bf16": 989.0,
-    "h100-fp8": 1979.0,
-    "h200-bf16": 989.0,
-    "h200-fp8": 1979.0,
-}
-"""Dense peak throughput (TFLOP/s) per accelerator and precision, used as the MFU denominator."""
-
 
 @dataclass(frozen=True)
 class FlopDims:
@@ -132,3 +124,42 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+class StageProgress:
+    """Rank 0's progress of a stage: a tqdm bar in its own terminal (`bar`) and/or a small JSON file that the
+    driver polls to show the stage on one live line (`path`; {"stage", "done", "total", "unit", ...postfix}).
+
+    The file is replaced atomically at each update, so a reader never sees half of it. Both are off on other ranks.
+    """
+
+    def __init__(self, stage: str, total: int, initial: int = 0, unit: str = "step", bar: bool = False,
+                 path: str = "", enabled: bool = True) -> None:
+        self.stage, self.total, self.done, self.unit = stage, total, initial, unit
+        self.path = path if enabled else ""
+        self.bar = None
+        if enabled and bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=stage, unit=unit)
+        self._write({})
+
+    def update(self, n: int = 1, **postfix: float) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()})
+        self._write(postfix)
+
+    def _write(self, postfix: Mapping[str, float]) -> None:
+        if not self.path:
+            return
+        from megatron_inpo.files import atomic_write_json
+
+        atomic_write_json(self.path, {"stage": self.stage, "done": self.done, "total": self.total, "unit": self.unit,
+                                      "time": time.time(), **{k: float(v) for k, v in postfix.items()}}, indent=None)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

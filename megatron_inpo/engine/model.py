@@ -9,7 +9,7 @@ API (what the engine, converter and tests call; process groups must exist: `engi
         SwiGLU, RoPE (incl. Llama-3 "llama3" and "linear" rope scaling, computed exactly like transformers),
         GQA, tied or untied embeddings, vocab padded for TP. On CUDA it is moved to the current device.
         Built = (model, vocab_size, padded_vocab_size, layer_spec ("local" | "te"), arch: LlamaArch, config).
-    ModelConfig(...).validate()     the same options as a dataclass (build_model(..., config=ModelConfig(...))).
+    build_model(hf_config, config=ModelConfig(...), sequence_parallel=...)   the options as engine.config.ModelConfig.
     LlamaArch.from_hf(hf_config)    validated dimensions (ConfigError names the config.json field).
     padded_vocab(vocab_size, tp, divisor=128)   Megatron's padding: multiple of divisor * tp.
     te_available()                  True only when CUDA is available AND transformer_engine imports.
@@ -24,6 +24,7 @@ transformer_engine is imported only in this module, lazily, and only when CUDA i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,12 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.engine.config import FP8_RECIPES, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "tensorwise": "tensorwise"}
-FP8_FORMATS = ("hybrid", "e4m3")
-LAYER_SPECS = ("auto", "local", "te")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def padded_vocab(vocab_size: int, tp: int, divisor: int = 128) -> int:
@@ -179,78 +177,6 @@ def rope_inv_freq(arch: LlamaArch, device=None) -> torch.Tensor:
 # Options
 
 
-@dataclass
-class ModelConfig:
-    """How to build the Megatron model (the architecture itself comes from the HF config.json)."""
-
-    precision: str = "fp32"
-    """Parameter dtype: "fp32" (CPU default, tests), "bf16" (GPU training), "fp16"."""
-    layer_spec: str = "auto"
-    """"auto" (TE when it imports on CUDA, else local), "te" (Transformer Engine, GPU only) or "local"."""
-    attention: str = "sdpa"
-    """Core attention of the local spec: "sdpa" (ours, torch scaled_dot_product_attention) or "unfused"
-    (Megatron's DotProductAttention, materializes the score matrix). Ignored by the TE spec."""
-    fp8: Optional[str] = None
-    """None (off), "hybrid" (E4M3 forward, E5M2 backward) or "e4m3". Needs the TE spec on CUDA."""
-    fp8_recipe: str = "delayed"
-    """FP8 scaling: "delayed" (amax history) or "current" (per-tensor current scaling, Megatron "tensorwise")."""
-    fp8_amax_history_len: int = 1024
-    """Length of the amax history of the delayed recipe."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs TP > 1 to have an effect)."""
-    recompute_activations: bool = False
-    """Full activation recomputation, one layer at a time (saves memory, costs one extra forward)."""
-    make_vocab_size_divisible_by: int = 128
-    """The embedding rows are padded to a multiple of this times TP."""
-
-    def resolved_layer_spec(self) -> str:
-        if self.layer_spec == "auto":
-            return "te" if te_available() else "local"
-        return self.layer_spec
-
-    def validate(self, arch: Optional[LlamaArch] = None, tp: int = 1) -> None:
-        """Raise ConfigError naming the field; with `arch`, also check the FP8 size constraints of each of the
-        `tp` tensor-parallel ranks (TP splits the FFN and the attention heads)."""
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"model.precision={self.precision!r}: expected one of {PRECISIONS}")
-        if self.layer_spec not in LAYER_SPECS:
-            raise ConfigError(f"model.layer_spec={self.layer_spec!r}: expected one of {LAYER_SPECS}")
-        if self.attention not in ("sdpa", "unfused"):
-            raise ConfigError(f"model.attention={self.attention!r}: expected 'sdpa' or 'unfused'")
-        if self.layer_spec == "te" and not te_available():
-            raise ConfigError("model.layer_spec='te' needs CUDA and an importable transformer_engine "
-                              "(install the GPU extra); use 'local' or 'auto'")
-        if self.make_vocab_size_divisible_by < 1:
-            raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
-        if self.fp8 is None:
-            return
-        if self.fp8 not in FP8_FORMATS:
-            raise ConfigError(f"model.fp8={self.fp8!r}: expected null or one of {FP8_FORMATS}")
-        if self.fp8_recipe not in FP8_RECIPES:
-            raise ConfigError(f"model.fp8_recipe={self.fp8_recipe!r}: expected one of {sorted(FP8_RECIPES)}")
-        if self.fp8_amax_history_len < 1:
-            raise ConfigError("model.fp8_amax_history_len must be >= 1")
-        if not te_available():
-            raise ConfigError("model.fp8 needs Transformer Engine on a CUDA GPU (transformer_engine does not "
-                              "import here); set model.fp8 to null")
-        if self.resolved_layer_spec() != "te":
-            raise ConfigError("model.fp8 needs model.layer_spec 'te' (or 'auto' with Transformer Engine)")
-        if self.precision == "fp32":
-            raise ConfigError("model.fp8 needs model.precision 'bf16' (or 'fp16') for the non-FP8 parts")
-        if arch is not None:
-            for name, n in (("hidden_size", arch.hidden_size), ("intermediate_size", arch.intermediate_size),
-                            ("head_dim", arch.head_dim)):
-                if n % 16:
-                    raise ConfigError(f"model.fp8: FP8 GEMMs need config.json {name}={n} divisible by 16")
-            per_rank = (("intermediate_size / TP", arch.intermediate_size, arch.intermediate_size // max(tp, 1)),
-                        ("num_attention_heads * head_dim / TP", arch.num_heads * arch.head_dim,
-                         arch.num_heads * arch.head_dim // max(tp, 1)))
-            for name, n, local in per_rank:
-                if tp > 1 and (n % tp or local % 16):
-                    raise ConfigError(f"model.fp8: FP8 GEMMs need {name} = {n} / {tp} divisible by 16 on each "
-                                      f"tensor-parallel rank; use a smaller tensor_model_parallel_size")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Our core attention for the local spec
 
@@ -360,7 +286,7 @@ def can_compile() -> bool:
     return has_cc and os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
 
 
-def transformer_config(arch: LlamaArch, cfg: ModelConfig):
+def transformer_config(arch: LlamaArch, cfg: ModelConfig, sequence_parallel: bool = False):
     """Megatron TransformerConfig for `arch`; TP/PP sizes mirror parallel_state (else every stage builds all
     layers silently)."""
     from megatron.core import parallel_state as ps
@@ -384,7 +310,7 @@ def transformer_config(arch: LlamaArch, cfg: ModelConfig):
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
         hidden_dropout=0.0, attention_dropout=0.0,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", params_dtype=dtype, pipeline_dtype=dtype,
-        use_cpu_initialization=not cuda, sequence_parallel=cfg.sequence_parallel,
+        use_cpu_initialization=not cuda, sequence_parallel=sequence_parallel,
         # fused kernels exist only on CUDA (and some only with apex / TE); the SwiGLU and bias-dropout-add
         # fusions are torch.compile, which needs a C compiler and Python's headers where the job runs
         gradient_accumulation_fusion=False, persist_layer_norm=False, masked_softmax_fusion=False,
@@ -398,13 +324,15 @@ def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None
                 fp8: Optional[str] = None, fp8_recipe: str = "delayed", sequence_parallel: bool = False,
                 recompute_activations: bool = False, padded_vocab_size: Optional[int] = None,
                 attention: str = "sdpa", config: Optional[ModelConfig] = None) -> Built:
-    """See the module docstring. `config`, when given, replaces the individual option arguments."""
+    """See the module docstring. `config` (engine.config.ModelConfig), when given, replaces the individual option
+    arguments; its precision 'auto' resolves here (bf16 with CUDA, else fp32)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    cfg = config or ModelConfig(precision=precision, layer_spec=layer_spec, attention=attention, fp8=fp8 or None,
-                                fp8_recipe=fp8_recipe, sequence_parallel=sequence_parallel,
-                                recompute_activations=recompute_activations)
+    cfg = config or ModelConfig(precision=precision, layer_spec=layer_spec, attention=attention, fp8=fp8 or "",
+                                fp8_recipe=fp8_recipe, recompute_activations=recompute_activations)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=cfg.resolved_precision(torch.cuda.is_available()))
     arch = LlamaArch.from_hf(hf_config)
     tp = ps.get_tensor_model_parallel_world_size()
     cfg.validate(arch, tp)
@@ -420,7 +348,7 @@ def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
     spec, spec_name = layer_spec_for(cfg)
-    tconf = transformer_config(arch, cfg)
+    tconf = transformer_config(arch, cfg, sequence_parallel)
     model = GPTModel(
         config=tconf, transformer_layer_spec=spec, vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,

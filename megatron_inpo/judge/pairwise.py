@@ -129,7 +129,7 @@ class PairwiseJudge(Judge):
             backend: Any = LocalPairwiseBackend.from_pretrained(cfg.model_path, cfg, pad)
             name = f"pairwise-pm:{cfg.model_path}"
         else:
-            from megatron_inpo.rollout.sglang import SGLangPool
+            from megatron_inpo.serving.pool import SGLangPool
 
             backend = SGLangPairwiseBackend(SGLangPool.from_config(cfg), cfg.batch_size)
             name = f"pairwise-pm-sglang:{cfg.model_path}"

@@ -93,7 +93,7 @@ def make_reward_judge(cfg: JudgeConfig) -> RewardJudge:
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=_DTYPES[cfg.dtype])
         return LocalRewardJudge(model.to(cfg.device), tok, cfg.batch_size, cfg.device, cfg.max_length,
                                 name=f"bt-rm:{cfg.model_path}")
-    from megatron_inpo.rollout.sglang import SGLangPool
+    from megatron_inpo.serving.pool import SGLangPool
 
     return SGLangRewardJudge(SGLangPool.from_config(cfg), tok, cfg.batch_size, cfg.max_length,
                              name=f"bt-rm-sglang:{cfg.model_path}")

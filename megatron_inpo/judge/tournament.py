@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from megatron_inpo.config import ConfigError
 from megatron_inpo.data.preferences import PreferencePair
 from megatron_inpo.judge.base import Comparison, Judge, RewardJudge
 from megatron_inpo.rollout.engine import Rollout
@@ -28,7 +29,7 @@ Method = Literal["auto", "tournament", "best_worst", "all_pairs"]
 
 def tournament_comparisons(k: int) -> int:
     """Comparisons the tournament makes for K responses: 3K/2 - 1 (K=2: 2, 4: 5, 8: 11, 16: 23)."""
-    _check_power_of_two(k)
+    check_method("tournament", k)
     return 3 * k // 2 - 1
 
 
@@ -37,9 +38,11 @@ def all_pairs_comparisons(k: int) -> int:
     return k * (k - 1) // 2
 
 
-def _check_power_of_two(k: int) -> None:
-    if k < 2 or k & (k - 1):
-        raise ValueError(f"the tournament needs K a power of two >= 2, got K={k}")
+def check_method(method: str, k: int) -> None:
+    """Whether pair selection `method` (resolved: not 'auto') can pair K = `k` samples per prompt; ConfigError
+    naming rollout.sampling.n otherwise (the tournament needs K a power of two >= 2)."""
+    if method == "tournament" and (k < 2 or k & (k - 1)):
+        raise ConfigError(f"rollout.sampling.n: the tournament needs K a power of two >= 2, got {k}")
 
 
 @dataclass
@@ -111,7 +114,7 @@ def _comparison(r: Rollout, i: int, j: int) -> Comparison:
 def _tournament(rollouts: Sequence[Rollout], judge: Judge) -> list[Selection | None]:
     brackets = []
     for r in rollouts:
-        _check_power_of_two(len(r.completions))
+        check_method("tournament", len(r.completions))
         brackets.append(_Bracket(len(r.completions)))
     while not all(b.done for b in brackets):
         batch = [_comparison(r, i, j) for r, b in zip(rollouts, brackets) for _, i, j in b.pending]
@@ -176,11 +179,19 @@ def _best_worst(rollouts: Sequence[Rollout], judge: Judge) -> list[Selection | N
     return out
 
 
-def resolve_method(method: Method, judge: Judge) -> str:
+METHODS = ("auto", "tournament", "best_worst", "all_pairs")
+
+
+def resolve_method(method: Method | str, judge_kind: str, objective_name: str = "") -> str:
+    """The pair selection that `method` means for a judge of kind `judge_kind` ('pairwise', 'reward',
+    'programmatic') and the objective `objective_name`: 'auto' is all_pairs for sppo (it needs win rates), else
+    best_worst for reward models and the tournament for the others. ConfigError for an unknown method."""
     if method == "auto":
-        return "best_worst" if judge.kind == "reward" else "tournament"
-    if method not in ("tournament", "best_worst", "all_pairs"):
-        raise ValueError(f"unknown pair-selection method {method!r}")
+        if objective_name == "sppo":
+            return "all_pairs"
+        return "best_worst" if judge_kind == "reward" else "tournament"
+    if method not in METHODS:
+        raise ConfigError(f"unknown pair-selection method {method!r}: auto, tournament, best_worst or all_pairs")
     return method
 
 
@@ -188,7 +199,7 @@ def select_pairs(rollouts: Sequence[Rollout], judge: Judge, method: Method = "au
     """One Selection (or None when the prompt yields no pair) per rollout, judged in batches across prompts."""
     if not rollouts:
         return []
-    m = resolve_method(method, judge)
+    m = resolve_method(method, judge.kind)
     return {"tournament": _tournament, "all_pairs": _all_pairs, "best_worst": _best_worst}[m](rollouts, judge)
 
 
@@ -196,7 +207,7 @@ def build_preferences(rollouts: Sequence[Rollout], judge: Judge, method: Method 
                       model_version: str = "") -> tuple[list[PreferencePair], list[str], dict]:
     """Select pairs and build PreferencePair records; returns (pairs, dropped prompt ids, stats)."""
     c0, k0, t0 = judge.comparisons, judge.calls, time.perf_counter()
-    m = resolve_method(method, judge) if rollouts else method
+    m = resolve_method(method, judge.kind) if rollouts else method
     sels = select_pairs(rollouts, judge, method)
     dt = time.perf_counter() - t0
     pairs, dropped = [], []

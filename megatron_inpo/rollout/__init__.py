@@ -18,17 +18,21 @@ API summary (what the iteration driver calls)::
     # resumable end-to-end stage: generate -> judge -> append JSONL per prompt batch; a re-run skips done prompts
     summary = generate_preferences(prompts, engine, judge, out_path, method="tournament", iteration=1,
                                    model_version="iter0", batch_size=64)
+    # the same pieces as two stages (the driver): all samples to rollouts.jsonl, then judged into pairs.jsonl
+    from megatron_inpo.rollout.pipeline import judge_stage, rollout_stage
+    rollout_stage(prompts, lambda: contextlib.nullcontext(engine), "rollouts.jsonl", iteration=1)
+    judge_stage("rollouts.jsonl", judge, "tournament", "pairs.jsonl", iteration=1, model_version="iter0")
     engine.update_weights("new_hf_dir", version="iter1")   # SGLang: /update_weights_from_disk (flush_cache: true)
     engine.close()
 
 SGLang servers from Python (launch/sglang_servers.py is the command-line face of the same code)::
 
-    from megatron_inpo.rollout.servers import ServerLaunchConfig, start_servers, stop_servers
+    from megatron_inpo.serving.servers import ServerLaunchConfig, start_servers, stop_servers
     urls = start_servers(ServerLaunchConfig(model_path=hf_dir, num_servers=4, tp=2), "run/sglang.json")
     ...; stop_servers("run/sglang.json")
 
-Stage config + recipes for `megatron-inpo rollout`: megatron_inpo.rollout.cli.RolloutStageConfig, tiny_cpu(),
-inpo_paper(), inpo_paper_rm().
+Stage config for `megatron-inpo rollout`: megatron_inpo.cli.rollout.RolloutStageConfig; its --recipe takes a run
+recipe's rollout, judge and pair selection (megatron_inpo.driver.recipes).
 
 Seeds: each (prompt, sample j) gets its own seed derived from (SamplingConfig.seed, iteration, prompt id, j), so
 samples do not depend on batching, resumption or the number of servers (``prompt_seed``).

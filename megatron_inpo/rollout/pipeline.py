@@ -1,25 +1,36 @@
-"""The resumable rollout + judge stage: prompts -> K samples -> pair selection -> preference JSONL.
+"""The resumable rollout and judge stages: prompts -> K samples -> pair selection -> preference JSONL.
 
-Each prompt batch is generated, judged and appended to the output with one write + fsync; prompts whose pair was
-dropped (the tournament's final check) are recorded in `<out>.dropped.jsonl`. A re-run skips every prompt found in
-either file, so a crash never duplicates or loses a pair; a torn last line is repaired first.
+Two ways through the same per-batch pieces (generate a batch, judge a batch and append its pairs):
+
+- `generate_preferences` (the `megatron-inpo rollout` command): each prompt batch is generated, judged and
+  appended to the output in one step.
+- `rollout_stage` then `judge_stage` (the iteration driver): all samples are appended to rollouts.jsonl first,
+  then judged batch by batch into the pairs file, so each stage is recorded (and resumed) on its own.
+
+Every append is one write + fsync; prompts whose pair was dropped (the tournament's final check) are recorded in
+`<out>.dropped.jsonl`. A re-run skips every prompt found in either file, so a crash never duplicates or loses a
+pair; a torn last line is repaired first. A pairs file of another iteration is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence, TypeVar
 
 from megatron_inpo.data.preferences import append_jsonl, read_done_ids
+from megatron_inpo.faults import no_fault
 
 if TYPE_CHECKING:
+    from megatron_inpo.data.preferences import PreferencePair
     from megatron_inpo.data.prompts import PromptRecord
     from megatron_inpo.judge.base import Judge
-    from megatron_inpo.rollout.engine import RolloutEngine
+    from megatron_inpo.rollout.engine import Rollout, RolloutEngine
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def dropped_path(out_path: str | Path) -> Path:
@@ -39,44 +50,150 @@ def _check_same_iteration(path: Path, iteration: int) -> None:
                             f"{iteration}; write each iteration to its own file")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The per-batch pieces
+
+
+def _batches(items: Sequence[T], batch_size: int) -> list[Sequence[T]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+
+
+def _judged_ids(out_path: Path, iteration: int) -> set[str]:
+    """Prompts an earlier attempt of this iteration already judged into `out_path` (a pair or a dropped record)."""
+    done = read_done_ids(out_path) | read_done_ids(dropped_path(out_path))
+    if done:
+        _check_same_iteration(out_path, iteration)
+    return done
+
+
+def _judge_batch(rollouts: Sequence["Rollout"], judge: "Judge", method: str, out_path: Path, iteration: int,
+                 model_version: str) -> tuple[list["PreferencePair"], list[str], dict]:
+    """Select the pairs of one batch and append them (and the dropped prompts) to the output."""
+    from megatron_inpo.judge.tournament import build_preferences
+
+    pairs, dropped, stats = build_preferences(rollouts, judge, method, iteration, model_version)
+    # pairs first: a crash between the two writes only re-judges this batch's dropped prompts
+    append_jsonl(out_path, [p.to_json() for p in pairs])
+    append_jsonl(dropped_path(out_path), [json.dumps({"prompt_id": d, "iteration": iteration,
+                                                      "model_version": model_version}) for d in dropped])
+    return pairs, dropped, stats
+
+
+def _rollout_record(r: "Rollout") -> str:
+    """One line of rollouts.jsonl."""
+    return json.dumps({"prompt_id": r.prompt.id, "prompt": r.prompt.prompt, "prompt_ids": r.prompt_ids,
+                       "extra": r.prompt.extra, "completions": [dataclasses.asdict(c) for c in r.completions]})
+
+
+def _rollout_from_record(row: dict) -> "Rollout":
+    from megatron_inpo.data.prompts import PromptRecord
+    from megatron_inpo.rollout.engine import Completion, Rollout
+
+    return Rollout(PromptRecord(row["prompt_id"], row["prompt"], row["prompt_ids"], row.get("extra") or {}),
+                   row["prompt_ids"], [Completion(**c) for c in row["completions"]])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    from megatron_inpo.data.preferences import iter_jsonl, repair_torn_tail
+
+    repair_torn_tail(path)
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def _bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages
+
+
+def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], ContextManager["RolloutEngine"]],
+                  out_path: str | Path, iteration: int = 1, batch_size: int = 64, progress: bool = True,
+                  fault: Callable[[str], None] = no_fault) -> dict[str, Any]:
+    """Sample K responses for every prompt not yet in `out_path` (rollouts.jsonl), appended batch by batch.
+
+    `open_engine()` (a context manager giving the engine; contextlib.nullcontext(engine) for an open one) is
+    entered only when a prompt is left: a finished stage starts no engine and wakes no server.
+    `fault(f"batch{k}")` runs after batch k is on disk.
+    Returns {"rollouts": path, "prompts": prompts in the file, "sequences": samples, "mean_tokens": per sample}.
+    """
+    out_path = Path(out_path)
+    done = read_done_ids(out_path)
+    todo = [p for p in prompts if p.id not in done]
+    batches = _batches(todo, batch_size)
+    if todo:
+        with open_engine() as engine:
+            bar = _bar(progress, len(prompts), len(prompts) - len(todo), f"rollout it{iteration}")
+            for k, batch in enumerate(batches):
+                rolls = engine.rollout(batch, iteration=iteration)
+                append_jsonl(out_path, [_rollout_record(r) for r in rolls])
+                if bar is not None:
+                    bar.update(len(rolls))
+                fault(f"batch{k + 1}")
+            if bar is not None:
+                bar.close()
+    rows = _read_jsonl(out_path)
+    toks = [len(c["token_ids"]) for r in rows for c in r["completions"]]
+    return {"rollouts": str(out_path), "prompts": len(rows), "sequences": len(toks),
+            "mean_tokens": sum(toks) / max(1, len(toks))}
+
+
+def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path: str | Path, iteration: int = 1,
+                model_version: str = "", batch_size: int = 64, progress: bool = True,
+                fault: Callable[[str], None] = no_fault) -> dict[str, Any]:
+    """Judge every prompt of `rollouts_path` not yet in `out_path` (pairs) or its .dropped.jsonl, batch by batch.
+
+    `fault(f"batch{k}")` runs after batch k is on disk. Returns {"pairs_file", "pairs" and "dropped" (totals in the
+    files), "method", "comparisons" (made by this call)}.
+    """
+    out_path = Path(out_path)
+    done = _judged_ids(out_path, iteration)
+    records = _read_jsonl(Path(rollouts_path))
+    rows = [r for r in records if r["prompt_id"] not in done]
+    bar = _bar(progress, len(records), len(records) - len(rows), f"judge it{iteration}")
+    comparisons = 0
+    for k, batch in enumerate(_batches(rows, batch_size)):
+        rolls = [_rollout_from_record(r) for r in batch]
+        _, _, stats = _judge_batch(rolls, judge, method, out_path, iteration, model_version)
+        comparisons += stats["comparisons"]
+        if bar is not None:
+            bar.update(len(rolls))
+        fault(f"batch{k + 1}")
+    if bar is not None:
+        bar.close()
+    return {"pairs_file": str(out_path), "pairs": len(read_done_ids(out_path)),
+            "dropped": len(read_done_ids(dropped_path(out_path))), "method": method, "comparisons": comparisons}
+
+
 def generate_preferences(prompts: Sequence["PromptRecord"], engine: "RolloutEngine", judge: "Judge",
                          out_path: str | Path, method: str = "auto", iteration: int = 1, model_version: str = "",
                          batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the stage; returns counts and throughput (prompts/s, tokens/s, comparisons)."""
-    from megatron_inpo.judge.tournament import build_preferences
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_path = Path(out_path)
-    drop_path = dropped_path(out_path)
-    done = read_done_ids(out_path) | read_done_ids(drop_path)
-    if done:
-        _check_same_iteration(out_path, iteration)
+    done = _judged_ids(out_path, iteration)
     todo = [p for p in prompts if p.id not in done]
+    batches = _batches(todo, batch_size)
     summary: dict[str, Any] = {"prompts": len(prompts), "skipped": len(prompts) - len(todo), "pairs": 0,
                                "dropped": 0, "comparisons": 0, "judge_calls": 0, "tokens": 0}
     if summary["skipped"]:
         log.info("resuming %s: %d of %d prompts already done", out_path, summary["skipped"], len(prompts))
     gen_s = judge_s = 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"rollout+judge it{iteration}", unit="prompt")
+    bar = _bar(progress, len(prompts), summary["skipped"], f"rollout+judge it{iteration}")
     t_all = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    for batch in batches:
         t0 = time.perf_counter()
         rollouts = engine.rollout(batch, iteration=iteration)
         t1 = time.perf_counter()
-        pairs, dropped, stats = build_preferences(rollouts, judge, method, iteration, model_version)
-        t2 = time.perf_counter()
-        # pairs first: a crash between the two writes only re-judges this batch's dropped prompts
-        append_jsonl(out_path, [p.to_json() for p in pairs])
-        append_jsonl(drop_path, [json.dumps({"prompt_id": d, "iteration": iteration, "model_version": model_version})
-                                 for d in dropped])
+        pairs, dropped, stats = _judge_batch(rollouts, judge, method, out_path, iteration, model_version)
         gen_s += t1 - t0
-        judge_s += t2 - t1
+        judge_s += time.perf_counter() - t1
         summary["pairs"] += len(pairs)
         summary["dropped"] += len(dropped)
         summary["comparisons"] += stats["comparisons"]

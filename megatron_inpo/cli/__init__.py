@@ -1,0 +1,47 @@
+"""The `megatron-inpo` command: a table of sub-commands, each a module with `main(argv) -> int`.
+
+Every command that takes a config resolves it with the one loader (`megatron_inpo.cli.loader`): recipe, then
+`--config` YAML, then `--a.b=value` overrides, validated; `--print-config` and `--help` (every field with its
+docstring) work the same everywhere. Sub-command modules are imported only when called, so `megatron-inpo
+verify-nash` never imports Megatron-Core.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verify-nash": ("megatron_inpo.nash", "check the INPO objective against the paper's closed forms (float64)"),
+    "run": ("megatron_inpo.cli.run", "run INPO iterations: export -> rollout -> judge -> log-probs -> train"),
+    "evaluate": ("megatron_inpo.cli.evaluate", "win rate of one policy against another on held-out prompts"),
+    "convert": ("megatron_inpo.cli.convert", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
+    "train": ("megatron_inpo.cli.train", "train a policy with Megatron-Core on a preference file"),
+    "logprobs": ("megatron_inpo.cli.logprobs", "store log pi_ref / log pi_t of every pair of a preference file"),
+    "rollout": ("megatron_inpo.cli.rollout", "sample K responses per prompt and judge them into preference pairs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: megatron-inpo COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "megatron-inpo COMMAND --help lists the command's flags and config fields."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from megatron_inpo import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"megatron-inpo: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)

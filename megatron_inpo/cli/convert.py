@@ -1,0 +1,72 @@
+"""`megatron-inpo convert hf-to-mcore|mcore-to-hf`: see the README section "Converting checkpoints".
+
+The converter takes no config dataclass, so it keeps its own flags (--hf-dir, --mcore-dir, --tp, ...), which the
+driver and the launch scripts pass; torch and Megatron-Core are imported only once a conversion starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-inpo convert",
+                                description="Convert Llama-family checkpoints between Hugging Face and Megatron-Core.")
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors directory -> Megatron-Core dist-checkpoint")
+    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    a.add_argument("--mcore-dir", required=True, help="output checkpoint directory (written atomically)")
+    a.add_argument("--tp", type=int, default=1, help="target tensor parallel size (sets the vocab padding)")
+    a.add_argument("--pp", type=int, default=1, help="target pipeline parallel size (checked against the layers)")
+    a.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="parameter dtype in the checkpoint (default: keep the HF dtype)")
+    a.add_argument("--layer-spec", default="local", choices=["local", "te"],
+                   help="layer spec recorded for the engine (checkpoint keys are the same for both)")
+    a.add_argument("--vocab-divisor", type=int, default=128, help="pad the vocab to a multiple of this x TP")
+    b = sub.add_parser("mcore-to-hf", help="Megatron-Core dist-checkpoint (any TP/PP) -> HF safetensors directory")
+    b.add_argument("--mcore-dir", required=True, help="checkpoint directory (converter output or training step)")
+    b.add_argument("--hf-dir", required=True, help="output HF directory (written atomically)")
+    b.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "keep"], help="output dtype")
+    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit, e.g. 5GB, 500MB")
+    for x in (a, b):
+        x.add_argument("--verify", action="store_true",
+                       help="afterwards compare logits of both checkpoints (loads the full model; small models)")
+        x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_inpo.config import ConfigError
+    from megatron_inpo.convert import ConvertError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.direction == "hf-to-mcore":
+            from megatron_inpo.convert.hf_to_mcore import convert_hf_to_mcore
+
+            summary = convert_hf_to_mcore(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                          layer_spec=args.layer_spec, make_vocab_size_divisible_by=args.vocab_divisor,
+                                          overwrite=args.overwrite, progress=not args.no_progress,
+                                          verify=args.verify)
+        else:
+            from megatron_inpo.convert.mcore_to_hf import convert_mcore_to_hf
+
+            summary = convert_mcore_to_hf(args.mcore_dir, args.hf_dir, dtype=args.dtype,
+                                          max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                          progress=not args.no_progress, verify=args.verify)
+    except (ConvertError, ConfigError, FileExistsError) as e:
+        print(f"megatron-inpo convert: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

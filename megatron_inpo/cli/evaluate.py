@@ -1,0 +1,98 @@
+r"""`megatron-inpo evaluate`: win rate of one policy against another on held-out prompts, by any judge.
+
+    megatron-inpo evaluate --policy HF_DIR --baseline HF_DIR --prompts eval.jsonl \
+        [--judge-function megatron_inpo.task.oracle:prob_a_beats_b | --judge-config judge.yaml] \
+        [--out DIR] [--samples 1] [--max-new-tokens 256] [--temperature 1.0] [--seed 4242] [--limit N]
+        [--config rollout.yaml] [--key=value | key=value ...]
+
+The config is the RolloutConfig of both policies' sampling (default: local engine, no chat template; --config,
+alias --rollout-config, is a RolloutConfig YAML); overrides name its fields. See megatron_inpo/evaluate.py for
+how responses are judged and what is written to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from megatron_inpo.cli.loader import Command, run_command
+from megatron_inpo.rollout.engine import RolloutConfig
+
+PROG = "megatron-inpo evaluate"
+
+
+def _arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--policy", required=True, help="HF directory of the evaluated policy")
+    ap.add_argument("--baseline", required=True, help="HF directory of the policy it is compared with")
+    ap.add_argument("--prompts", required=True, help="held-out prompt JSONL ({\"id\", \"prompt\", ...})")
+    ap.add_argument("--judge-function", help="'module:function' P(a beats b | prompt) (programmatic judge)")
+    ap.add_argument("--judge-config", help="YAML of a JudgeConfig (pairwise PM / BT RM, local or SGLang)")
+    ap.add_argument("--out", default="eval_out", help="output directory")
+    ap.add_argument("--samples", type=int, default=1, help="responses per prompt and policy")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=4242)
+    ap.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    ap.add_argument("--one-order", action="store_true", help="judge (policy, baseline) only, not both orders")
+
+
+def _base(args: argparse.Namespace) -> RolloutConfig:
+    # Without a rollout YAML: the local engine on raw prompts; a YAML starts from RolloutConfig's own defaults.
+    if getattr(args, "config", None):
+        return RolloutConfig(model_path=getattr(args, "policy", "") or "")
+    return RolloutConfig(model_path=getattr(args, "policy", "") or "", chat_template=False)
+
+
+def command() -> Command:
+    return Command(prog=PROG, config=RolloutConfig, doc=__doc__ or "", base=_base, arguments=_arguments,
+                   config_aliases=("--rollout-config",))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    return run_command(command(), argv, _run)
+
+
+def _run(rcfg: Any, args: argparse.Namespace) -> int:
+    import yaml
+
+    from megatron_inpo.config import ConfigError, from_dict
+    from megatron_inpo.data.preferences import DataError
+    from megatron_inpo.data.prompts import read_prompts
+    from megatron_inpo.evaluate import evaluate_pair
+    from megatron_inpo.judge.base import JudgeConfig, make_judge
+    from megatron_inpo.rollout.engine import SamplingConfig
+
+    try:
+        for flag, path in (("--policy", args.policy), ("--baseline", args.baseline)):
+            if not (Path(path) / "config.json").exists():
+                raise ConfigError(f"{flag} {path}: not an HF model directory (no config.json)")
+        if bool(args.judge_function) == bool(args.judge_config):
+            raise ConfigError("give exactly one of --judge-function and --judge-config")
+        if args.judge_function:
+            jcfg = JudgeConfig(kind="programmatic", function=args.judge_function)
+        else:
+            with open(args.judge_config, encoding="utf-8") as f:
+                jcfg = from_dict(JudgeConfig, yaml.safe_load(f) or {}, where=args.judge_config)
+        sampling = SamplingConfig(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed)
+        sampling.validate()
+        prompts = read_prompts(args.prompts, limit=args.limit or None)
+        judge = make_judge(jcfg)
+    except (ConfigError, DataError, OSError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    res = evaluate_pair(rcfg, judge, args.policy, args.baseline, prompts, args.samples, sampling, args.out,
+                        both_orders=not args.one_order)
+    pl, bl = res["policy_length"], res["baseline_length"]
+    print(f"win rate of {args.policy} vs {args.baseline}: {res['win_rate']:.4f} +- {res['stderr']:.4f} "
+          f"(n={res['n']}, judge {res['judge']}); mean length {pl['mean_tokens']:.2f} vs {bl['mean_tokens']:.2f} "
+          f"tokens; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The one config loader of every `megatron-inpo` command.
+
+A command's config is a dataclass. The command line resolves it in one order, the same for every command:
+
+1. `--recipe NAME` (commands with a recipe registry): the base config; without it, the command's default recipe
+   (when neither --recipe nor --config is given) or the dataclass's defaults;
+2. `--config FILE.yaml`: its fields laid on top (nested sections merged; unknown keys are an error naming them);
+3. overrides, as `--a.b=value`, `--a.b value` or `a.b=value` (dashes in a flag's name read as underscores);
+4. `validate()` of the config and of every nested section;
+5. `--print-config`: print the resolved config as YAML and exit 0.
+
+`--help` lists every field (dotted name) with the first line of its docstring. A config error exits 2 with
+`megatron-inpo CMD: config error: ...`. Nothing here imports torch or Megatron-Core; commands import their
+heavy modules inside their body.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the loader needs to know about one command."""
+
+    prog: str
+    """Program name for usage and error lines, e.g. 'megatron-inpo run'."""
+    config: type
+    """The config dataclass."""
+    doc: str = ""
+    """Description printed by --help (the command module's docstring)."""
+    recipes: Mapping[str, Callable[[], Any]] | None = None
+    """--recipe NAME -> function returning a complete config; None: the command takes no --recipe."""
+    default_recipe: str | None = None
+    """Recipe used when neither --recipe nor --config is given (else the dataclass's defaults)."""
+    base: Callable[[argparse.Namespace], Any] | None = None
+    """Base config without --recipe, from the command's own arguments (default: `config()`)."""
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    """Adds the command's own flags (e.g. --prompts, --out) to its parser."""
+    config_aliases: tuple[str, ...] = ()
+    """Other spellings of --config kept for older command lines (e.g. --rollout-config)."""
+
+
+def field_docs(cls: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field name, first line of its docstring) for a config dataclass and its nested ones."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+    import typing
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's docstring wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(getattr(b, "value", None), ast.Constant) and isinstance(b.value.value, str):
+                text = b.value.value.strip()
+                docs[a.target.id] = text.splitlines()[0] if text else ""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += field_docs(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, docs.get(f.name, "")))
+    return out
+
+
+def build_parser(cmd: Command) -> argparse.ArgumentParser:
+    """The command's parser: its own flags, --recipe, --config, --print-config; the field list as epilog."""
+    p = argparse.ArgumentParser(prog=cmd.prog, description=cmd.doc, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cmd.arguments is not None:
+        cmd.arguments(p)
+    if cmd.recipes is not None:
+        default = f" (default {cmd.default_recipe} when no --config is given)" if cmd.default_recipe else ""
+        p.add_argument("--recipe", help=f"base config: {', '.join(cmd.recipes)}{default}")
+    p.add_argument("--config", *cmd.config_aliases, dest="config", metavar="YAML",
+                   help="YAML file of config fields, laid on top of the recipe" if cmd.recipes is not None
+                   else "YAML file of config fields")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    width = max([len(n) for n, _ in field_docs(cmd.config)] + [28])
+    p.epilog = ("overrides: --a.b=value, --a.b value or a.b=value (dotted field names; '-' in a flag reads as "
+                "'_'), applied after --config.\n\nfields:\n" +
+                "\n".join(f"  {name:<{width}}  {text}".rstrip() for name, text in field_docs(cmd.config)))
+    return p
+
+
+def parse_command_line(cmd: Command, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the parsed flags, the overrides as ['a.b=value', ...]); a malformed override is a ConfigError."""
+    from megatron_inpo.config import parse_override_args
+
+    args, rest = build_parser(cmd).parse_known_args(argv)
+    return args, parse_override_args(rest)
+
+
+def resolve_config(cmd: Command, recipe: str | None, config: str | None, overrides: list[str],
+                   args: argparse.Namespace | None = None) -> Any:
+    """Recipe (or base), then the YAML file, then the overrides; validated. Raises ConfigError."""
+    from megatron_inpo.config import ConfigError, apply_overrides, merge_yaml, validate_all
+
+    if recipe is None and config is None and cmd.default_recipe is not None:
+        recipe = cmd.default_recipe
+    if recipe is not None:
+        recipes = cmd.recipes or {}
+        if recipe not in recipes:
+            raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose from {sorted(recipes)}")
+        cfg = recipes[recipe]()
+    elif cmd.base is not None:
+        cfg = cmd.base(args if args is not None else argparse.Namespace(config=config))
+    else:
+        cfg = cmd.config()
+    if config:
+        cfg = merge_yaml(cfg, config)
+    cfg = apply_overrides(cfg, overrides)
+    validate_all(cfg)
+    return cfg
+
+
+def load_config(cmd: Command, argv: list[str]) -> tuple[Any, argparse.Namespace]:
+    """Parse `argv` and resolve the config: (validated config, parsed flags). Raises ConfigError."""
+    args, overrides = parse_command_line(cmd, argv)
+    cfg = resolve_config(cmd, getattr(args, "recipe", None), args.config, overrides, args)
+    return cfg, args
+
+
+def config_yaml(cfg: Any) -> str:
+    import yaml
+
+    from megatron_inpo.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def run_command(cmd: Command, argv: list[str] | None, body: Callable[[Any, argparse.Namespace], int | None]) -> int:
+    """The whole command-line protocol: load the config (a config error exits 2 with `PROG: config error: ...`),
+    answer --print-config (exit 0), else return `body(cfg, args)` (None reads as 0)."""
+    from megatron_inpo.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, args = load_config(cmd, argv)
+    except (ConfigError, OSError) as e:
+        print(f"{cmd.prog}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    return int(body(cfg, args) or 0)

@@ -1,0 +1,79 @@
+r"""`megatron-inpo train`: one training stage (preference objective or SFT) on Megatron-Core.
+
+    megatron-inpo train --config stage.yaml [--a.b=value | --a.b value | a.b=value ...]
+    torchrun --nproc-per-node N -m megatron_inpo train --config stage.yaml \
+        --megatron.parallel.tensor_model_parallel_size=2
+
+The config is a TrainStageConfig (megatron_inpo/engine/config.py; `--help` lists every field); flags may spell
+'_' as '-' (`--init-checkpoint`). Prints `trained: CHECKPOINT` on rank 0. See megatron_inpo/engine/train.py for
+the output layout.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from megatron_inpo.cli.loader import Command, run_command
+
+PROG = "megatron-inpo train"
+
+
+def command() -> Command:
+    from megatron_inpo.engine.config import TrainStageConfig
+
+    return Command(prog=PROG, config=TrainStageConfig, doc=__doc__ or "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def train(cfg: Any) -> dict:
+        from megatron_inpo.engine.train import train
+
+        return train(cfg)
+
+    def report(result: dict) -> str | None:
+        if "final_checkpoint" in result and result.get("rank0", True):
+            return f"trained: {result['final_checkpoint']}"
+        return None
+
+    return run_engine_stage(command(), argv, train, report)
+
+
+def run_engine_stage(cmd: Command, argv: list[str] | None, fn: Callable[[Any], Any],
+                     report: Callable[[Any], str | None]) -> int:
+    """Shared body of the engine's commands: load the config, run `fn(cfg)`, tear down the process groups, print
+    `report(result)` (nothing for None). Bad config, data or checkpoints exit 2 with the message."""
+
+    def body(cfg: Any, _args: Any) -> int:
+        from megatron_inpo.config import ConfigError
+        from megatron_inpo.data.preferences import DataError
+        from megatron_inpo.engine.checkpoint import CheckpointError
+
+        try:
+            result = fn(cfg)
+        except (ConfigError, DataError, CheckpointError) as e:
+            print(f"{cmd.prog}: {e}", file=sys.stderr)
+            return 2
+        finally:
+            _shutdown()
+        line = report(result)
+        if line:
+            print(line, flush=True)
+        return 0
+
+    return run_command(cmd, argv, body)
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            from megatron.core import parallel_state as ps
+
+            ps.destroy_model_parallel()
+        finally:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

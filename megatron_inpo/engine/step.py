@@ -1,0 +1,224 @@
+"""One pass through Megatron's pipeline schedule: one `forward_step`, the loss an object.
+
+    run_schedule(model, batches, loss, device, forward_only=False)
+        hands the micro-batches and `loss` to get_forward_backward_func (Megatron runs TP / PP / the micro-batches).
+
+Losses (called once per micro-batch inside the schedule, on the last pipeline stage):
+    PreferenceLoss(objective, vocab_size, pairs)   sum of a preference objective (INPO, DPO, IPO, SPPO) over pairs
+    SFTLoss(vocab_size)                            sum of the response-token NLL
+    PairLogpsProbe(vocab_size)                     forward-only: each pair's chosen / rejected log-prob sums
+
+A training loss returns the SUM over its items (pairs, or response tokens) with their count; the model is wrapped
+with calculate_per_token_loss (engine.policy.wrap_ddp), so finalize_model_grads divides the gradients once by the
+item count of the whole global batch (summed over micro-batches and DP ranks): the mean over the global batch,
+whatever the TP / PP / DP split. The detached per-item values are kept so that `global_metrics` computes the step's
+metrics exactly on the global batch afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from megatron_inpo.engine.batches import SequenceBatch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs from (vocab-parallel) logits
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """log p(labels) per position from logits [b, s, V/tp] split over the tensor-parallel group.
+
+    Uses Megatron's vocab-parallel cross entropy (float32 inside). Columns of the padded vocabulary at or beyond
+    `vocab_size` are excluded from the softmax, so the numbers equal a transformers forward of the same weights.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = logits.float()
+    if vocab_size is not None:
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        local = logits.shape[-1]
+        start = tp_rank * local
+        if start + local > vocab_size:
+            cols = torch.arange(start, start + local, device=logits.device) >= vocab_size
+            logits = logits.masked_fill(cols, float("-inf"))
+    # vocab_parallel_cross_entropy flattens leading dims; it returns -log p(label).
+    return -vocab_parallel_cross_entropy(logits, labels)
+
+
+def sequence_logps(logits: torch.Tensor, batch: SequenceBatch, vocab_size: int | None = None) -> torch.Tensor:
+    """Per-sequence sums of response-token log-probs, [n]."""
+    return (token_logps(logits, batch.labels, vocab_size) * batch.loss_mask).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+class Loss:
+    """Base: what a loss needs staged on the device per micro-batch, the per-micro-batch call, and the step's
+    metrics from the collected per-item values."""
+
+    metric_names: tuple[str, ...] = ("loss",)
+
+    def __init__(self) -> None:
+        self.collected: list[dict[str, Any]] = []
+
+    def inputs(self, batch: SequenceBatch, device) -> Any:
+        """Extra tensors of this micro-batch, moved to `device` before the schedule starts."""
+        return None
+
+    def __call__(self, batch: SequenceBatch, inputs: Any, output: torch.Tensor):
+        raise NotImplementedError
+
+    def summarize(self, collected: list[dict[str, Any]]) -> list[float]:
+        """The values of `metric_names` over the whole global batch (every DP rank's `collected`)."""
+        raise NotImplementedError
+
+
+def frozen_columns(pairs: Sequence[Any], device) -> dict[str, torch.Tensor | None]:
+    """The stored log pi_ref / log pi_t columns (and SPPO win rates) of `pairs`, as PairLogps fields."""
+    # float64: the objective differences stored sums of hundreds of nats; the float32 policy sums promote to it.
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64, device=device)  # noqa: E731
+    out = {
+        "ref_chosen": t([p.ref_chosen_logp for p in pairs]),
+        "ref_rejected": t([p.ref_rejected_logp for p in pairs]),
+        "last_chosen": t([p.last_chosen_logp for p in pairs]),
+        "last_rejected": t([p.last_rejected_logp for p in pairs]),
+        "chosen_winrate": None,
+        "rejected_winrate": None,
+    }
+    if all(p.chosen_winrate is not None and p.rejected_winrate is not None for p in pairs):
+        out["chosen_winrate"] = t([p.chosen_winrate for p in pairs])
+        out["rejected_winrate"] = t([p.rejected_winrate for p in pairs])
+    return out
+
+
+class PreferenceLoss(Loss):
+    """A preference objective (megatron_inpo.objectives) summed over the pairs of a micro-batch."""
+
+    metric_names = ("loss", "h_mean", "h_std", "chosen_logratio", "rejected_logratio", "margin", "accuracy")
+
+    def __init__(self, objective, vocab_size: int, pairs: Sequence[Any]) -> None:
+        super().__init__()
+        self.objective, self.vocab_size, self.pairs = objective, vocab_size, pairs
+
+    def inputs(self, batch: SequenceBatch, device) -> dict:
+        return frozen_columns([self.pairs[i] for i in batch.indices], device)
+
+    def __call__(self, batch: SequenceBatch, inputs: dict, output: torch.Tensor):
+        from megatron_inpo.objectives import PairLogps, compute_objective
+
+        lp = sequence_logps(output, batch, self.vocab_size)
+        B = batch.num_pairs
+        logps = PairLogps(policy_chosen=lp[:B], policy_rejected=lp[B:], **inputs)
+        loss, _ = compute_objective(self.objective, logps, reduction="sum")
+        self.collected.append({f.name: (getattr(logps, f.name).detach() if getattr(logps, f.name) is not None
+                                        else None) for f in dataclasses.fields(logps)})
+        return loss, torch.tensor(B, dtype=torch.int, device=lp.device), {"loss_sum": loss.detach()}
+
+    def summarize(self, collected: list[dict[str, Any]]) -> list[float]:
+        from megatron_inpo.objectives import PairLogps, compute_objective
+
+        cat = {k: (torch.cat([d[k] for d in collected]).double() if collected[0][k] is not None else None)
+               for k in collected[0]}
+        loss, m = compute_objective(self.objective, PairLogps(**cat), reduction="mean")
+        return [float(loss)] + [float(m[k]) for k in self.metric_names[1:]]
+
+
+class SFTLoss(Loss):
+    """The response-token NLL of a micro-batch of SFT sequences (summed; divided by the global token count)."""
+
+    metric_names = ("loss", "tokens")
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def __call__(self, batch: SequenceBatch, inputs: None, output: torch.Tensor):
+        nll = -(token_logps(output, batch.labels, self.vocab_size) * batch.loss_mask).sum()
+        n = batch.loss_mask.sum().to(torch.int)
+        self.collected.append({"nll": nll.detach().reshape(1), "tokens": n.detach().reshape(1).float()})
+        return nll, n, {"nll_sum": nll.detach()}
+
+    def summarize(self, collected: list[dict[str, Any]]) -> list[float]:
+        nll = sum(float(d["nll"].sum()) for d in collected)
+        tok = sum(float(d["tokens"].sum()) for d in collected)
+        return [nll / max(tok, 1.0), tok]
+
+
+class PairLogpsProbe(Loss):
+    """Forward-only: the chosen / rejected log-prob sums of each pair (the loss is 0 and never used)."""
+
+    def __init__(self, vocab_size: int | None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def __call__(self, batch: SequenceBatch, inputs: None, output: torch.Tensor):
+        lp = sequence_logps(output, batch, self.vocab_size)
+        B = batch.num_pairs
+        return lp.sum() * 0.0, {"chosen": lp[:B].detach(), "rejected": lp[B:].detach(), "indices": batch.indices}
+
+
+def make_loss(kind: str, objective, vocab_size: int, items: Sequence[Any]) -> Loss:
+    """The training loss of a stage config's `loss` ('preference' or 'sft')."""
+    return SFTLoss(vocab_size) if kind == "sft" else PreferenceLoss(objective, vocab_size, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule
+
+
+def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, device, forward_only: bool = False):
+    """Forward (and backward, unless `forward_only`) of `batches` through get_forward_backward_func.
+
+    Every pipeline stage must pass batches of one shape. Returns the schedule's per-micro-batch reports (the last
+    pipeline stage's; empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    loss.collected = []
+    # Every micro-batch and what its loss reads go to the device before the schedule starts: inside it, each
+    # blocking copy (or tensor built in the loss) would hold the CPU until the queued forward ran.
+    staged = [(b.to(device), loss.inputs(b, device)) for b in batches]
+
+    def forward_step(data_iterator, chunk):
+        batch, inputs = next(data_iterator)
+        output = chunk(batch.tokens, batch.position_ids, attention_mask=None)
+        return output, lambda out: loss(batch, inputs, out)
+
+    shape = batches[0].tokens.shape
+    if any(b.tokens.shape != shape for b in batches):
+        raise ValueError("run_schedule: every micro-batch of one call must have the same shape")
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(staged), model=model,
+            num_microbatches=len(batches), seq_length=shape[1], micro_batch_size=shape[0],
+            forward_only=forward_only,
+        )
+
+
+def global_metrics(loss: Loss, device) -> dict[str, float]:
+    """`loss.metric_names` over the whole global batch, on every rank (computed on the last pipeline stage's TP
+    rank 0 from every DP rank's collected values, then shared by an all-reduce)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    names = loss.metric_names
+    vec = torch.zeros(len(names) + 1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        mine = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in d.items()} for d in loss.collected]
+        parts: list = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(parts, mine, group=ps.get_data_parallel_group())
+        if ps.get_data_parallel_rank() == 0:
+            vec[:-1] = torch.tensor(loss.summarize([d for p in parts for d in p]), dtype=torch.float64)
+            vec[-1] = 1.0
+    dev_vec = vec.to(device)
+    dist.all_reduce(dev_vec)
+    vec = dev_vec.cpu()
+    if vec[-1] != 1.0:
+        raise RuntimeError("metrics: expected exactly one reporting rank")
+    return dict(zip(names, vec[:-1].tolist()))

@@ -1,0 +1,187 @@
+"""GPU memory of the SGLang servers (serving/memory_plan.py, `launch/sglang_servers.py plan`): SGLang's KV-cache
+rule applied in start order to the 8B and 70B recipes' layouts, the fractions the launch scripts used to pass
+(which leave the judge no KV cache), and launch/torchrun_inpo.sh starting its servers with the plan's fractions
+and --enable-deterministic-inference, or stopping before any server when the plan does not fit."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_inpo.config import ConfigError
+from megatron_inpo.driver.recipes import get_recipe
+from megatron_inpo.serving.memory_plan import (GIB, MemoryPlanError, ModelMemory, ServerSlot, llama_param_count,
+                                               plan_server_memory)
+from tests.helpers.rollout import LLAMA3_8B, LLAMA3_70B, REPO, free_port_pair
+
+FAKE_SERVER = f"{sys.executable} {REPO / 'tests' / 'helpers' / 'rollout.py'}"
+
+# An H100 80GB reports 81559 MiB (79.6 GiB); about 0.6 GiB goes to the driver / CUDA context before any server.
+H100_FREE_GIB = 79.0
+
+
+def test_parameter_counts_and_kv_sizes_from_config():
+    # Meta's model cards: 8.03B and 70.6B parameters
+    assert llama_param_count(LLAMA3_8B) == 8_030_261_248
+    assert llama_param_count(LLAMA3_70B) == 70_553_706_496
+    m8, m70 = ModelMemory.from_hf_config(LLAMA3_8B), ModelMemory.from_hf_config(LLAMA3_70B, tp=8)
+    assert m8.weights_gib == pytest.approx(8_030_261_248 * 2 / GIB)                  # bf16: 14.96 GiB
+    assert m70.weights_gib == pytest.approx(70_553_706_496 * 2 / 8 / GIB)            # 16.43 GiB per GPU
+    assert m8.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2                              # 128 KiB
+    assert m70.kv_bytes_per_token == 2 * 80 * 1 * 128 * 2                             # 8 KV heads over TP8
+    # a reward model's head is num_labels x hidden, not vocab x hidden
+    rm = dict(LLAMA3_8B, architectures=["LlamaForSequenceClassification"], num_labels=1)
+    assert llama_param_count(rm) == 8_030_261_248 - 128256 * 4096 + 4096
+    with pytest.raises(ConfigError, match="hidden_size"):
+        llama_param_count({"vocab_size": 10})
+
+
+def _min_tokens(recipe):
+    """One batch at full context: the K samples of one prompt (policy); one comparison in both orders, each
+    prompt + two responses (judge)."""
+    c = get_recipe(recipe)
+    return c.rollout.sampling.n * c.train.max_seq_len, 2 * 2 * c.train.max_seq_len
+
+
+def test_8b_recipe_one_node():
+    """launch/torchrun_inpo.sh: 8 TP1 policy servers on GPUs 0-7, then the PM judge on GPU 0. SGLang's own
+    10 GiB runtime reserve per server on an 80 GB GPU; the KV left on GPU 0 is split equally. The judge's KV
+    depends on how much of its reserve policy server 0 holds when the judge starts: 14.50 GiB if 1 GiB
+    (context + CUDA graphs, the plan's figure), 9.04 GiB if all 10 GiB; never more than planned."""
+    pol_min, judge_min = _min_tokens("llama3_8b_h100")
+    m = ModelMemory.from_hf_config(LLAMA3_8B)
+    slots = [ServerSlot(f"policy {i}", m, (i,), pol_min) for i in range(8)] + [ServerSlot("judge", m, (0,), judge_min)]
+    plans = {p.name: p for p in plan_server_memory(slots, H100_FREE_GIB)}
+    p0, p1, j = plans["policy 0"], plans["policy 1"], plans["judge"]
+    assert (p0.mem_fraction, p1.mem_fraction, j.mem_fraction) == (0.373, 0.873, 0.607)
+    assert p0.kv_gib == pytest.approx(14.51, abs=0.01) and p1.kv_gib == pytest.approx(54.01, abs=0.01)
+    assert (round(j.kv_min_gib, 2), round(j.kv_gib, 2)) == (9.04, 14.50)   # 74k-119k tokens
+    assert j.free_at_start_gib == pytest.approx(79 - 14.96 - 14.51 - 1.0, abs=0.01)  # what policy 0 left
+    # SGLang's rule reproduces the planned KV: f * free_at_start - weights
+    for p in plans.values():
+        assert p.kv_gib == pytest.approx(p.mem_fraction * p.free_at_start_gib - m.weights_gib)
+        assert p.kv_min_tokens >= max(pol_min, judge_min)
+    # GPU 0 holds both at peak: weights + KV + reserve of each fit in 79 GiB (with the judge's largest KV)
+    assert 2 * (m.weights_gib + 10) + p0.kv_gib + j.kv_gib <= H100_FREE_GIB
+
+    # The fractions the script passed before (policy 0.35 everywhere, judge 0.3): the judge sees ~41 GiB free
+    # and 0.3 of it is less than its 14.96 GiB of weights: no KV cache at all, SGLang refuses to start.
+    old = [ServerSlot(s.name, s.model, s.gpus, s.min_kv_tokens, 0.35 if s.name != "judge" else 0.3) for s in slots]
+    with pytest.raises(MemoryPlanError, match=r"judge \(GPUs 0\): mem_fraction 0.300 of the 41.4 GiB free at its "
+                                              r"start \(.*\) leaves no KV cache"):
+        plan_server_memory(old, H100_FREE_GIB)
+    # ... and even if policy 0 held only 1 GiB beyond its pool then: 0.3 x 50.35 - 14.96 = 0.15 GiB (1.2k tokens)
+    best = 0.3 * (H100_FREE_GIB - 0.35 * H100_FREE_GIB - 1.0) - m.weights_gib
+    assert 0 < best < 0.2
+
+
+def test_70b_recipe_nodes():
+    """launch/slurm_inpo.sbatch: node 0 runs a TP8 policy server on GPUs 0-7 and the judge on GPU 0; nodes 1-3 a
+    TP8 policy server only."""
+    pol_min, judge_min = _min_tokens("llama3_70b_h100")
+    m70, m8 = ModelMemory.from_hf_config(LLAMA3_70B, tp=8), ModelMemory.from_hf_config(LLAMA3_8B)
+    node0 = plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min),
+                                ServerSlot("judge", m8, (0,), judge_min)], H100_FREE_GIB)
+    assert [p.mem_fraction for p in node0] == [0.382, 0.601]
+    assert [round(p.kv_gib, 2) for p in node0] == [13.75, 13.78]       # per GPU; the policy's is 360k tokens
+    assert round(node0[1].kv_min_gib, 2) == 8.37                       # judge: 69k tokens at the least
+    assert node0[0].kv_tokens == pytest.approx(13.75 * GIB / 40960, rel=1e-3)
+    other = plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min)], H100_FREE_GIB)
+    assert other[0].mem_fraction == 0.873 and round(other[0].kv_gib, 2) == 52.54
+    # before: policy 0.5, judge 0.2 -> the judge gets 0.2 x 29.5 GiB = 5.9 GiB for 15 GiB of weights
+    with pytest.raises(MemoryPlanError, match="judge.*leaves no KV cache"):
+        plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min, 0.5),
+                            ServerSlot("judge", m8, (0,), judge_min, 0.2)], H100_FREE_GIB)
+
+
+def test_too_small_gpu_fails_naming_the_server():
+    m = ModelMemory.from_hf_config(LLAMA3_8B)
+    slots = [ServerSlot("policy 0", m, (0,), 32768), ServerSlot("judge", m, (0,), 16384)]
+    with pytest.raises(MemoryPlanError) as e:
+        plan_server_memory(slots, 40.0)  # a 40 GB GPU cannot hold two 8B servers with their reserves
+    assert "policy 0 (GPUs 0)" in str(e.value) and "judge (GPUs 0)" in str(e.value)
+    with pytest.raises(MemoryPlanError, match="GPU 0: .* exceed"):
+        plan_server_memory([ServerSlot("a", m, (0,), 1, 0.8), ServerSlot("b", m, (0,), 1, 0.9)], 79.0)
+    with pytest.raises(MemoryPlanError, match="for every server"):
+        plan_server_memory([ServerSlot("a", m, (0,), 1, 0.8), ServerSlot("b", m, (1,), 1)], 79.0)
+
+
+def _models(tmp_path):
+    for name, cfg in (("sft", LLAMA3_8B), ("pm", LLAMA3_8B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "sft", tmp_path / "pm"
+
+
+def test_plan_cli(tmp_path):
+    sft, pm = _models(tmp_path)
+    base = [sys.executable, str(REPO / "launch/sglang_servers.py"), "plan", "--policy-model", str(sft),
+            "--policy-servers", "8", "--judge-model", str(pm), "--judge-gpus", "0", "--gpu-memory-gib", "79"]
+    out = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["POLICY_MEM_FRACTIONS=0.373," + ",".join(["0.873"] * 7), "JUDGE_MEM_FRACTIONS=0.607"]
+    out = subprocess.run(base + ["--policy-mem-fraction", "0.35", "--judge-mem-fraction", "0.3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "" and "judge 0 (GPUs 0)" in out.stderr and "no KV cache" in out.stderr
+    out = subprocess.run(base[:4] + [str(tmp_path / "nope"), "--gpu-memory-gib", "79"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "config.json not found" in out.stderr
+
+
+def _script_env(tmp_path, **extra):
+    """PATH with a stand-in `megatron-inpo` that records its arguments instead of running the driver, and an
+    API-compatible SGLang server (tests/helpers/rollout.py) behind a wrapper that records its command line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("megatron-inpo", f"printf '%s\\n' \"$@\" > {tmp_path / 'driver_args.txt'}"),
+                       ("fake-sglang", f"echo \"$@\" >> {tmp_path / 'server_argv.txt'}\n{FAKE_SERVER} \"$@\"")):
+        f = bin_dir / name
+        f.write_text(f"#!/bin/sh\n{body}\n")
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    sft, pm = _models(tmp_path)
+    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "SFT_MODEL": str(sft), "PM_MODEL": str(pm), "RUN_DIR": str(tmp_path / "run"), "GPU_MEMORY_GIB": "79",
+            "SGLANG_SERVER_CMD": str(bin_dir / "fake-sglang"), "POLICY_SERVERS": "2",
+            "POLICY_PORT": str(free_port_pair()), "JUDGE_PORT": str(free_port_pair()), **extra}
+
+
+def test_torchrun_script_starts_planned_deterministic_servers(tmp_path):
+    env = _script_env(tmp_path)
+    out = subprocess.run(["bash", str(REPO / "launch/torchrun_inpo.sh"), "llama3_8b_h100", "--iterations=1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    argv = [line.split() for line in (tmp_path / "server_argv.txt").read_text().splitlines()]
+    assert len(argv) == 3  # the two policy servers (started together: in either order), then the judge
+    argv[:2] = sorted(argv[:2], key=lambda a: int(a[a.index("--port") + 1]))  # policy 0 has the lower port
+    frac = [a[a.index("--mem-fraction-static") + 1] for a in argv]
+    # two policy servers on GPUs 0, 1 and the judge on GPU 0 of a 79 GiB GPU: the plan's fractions
+    assert frac == ["0.373", "0.873", "0.607"]
+    assert all("--enable-deterministic-inference" in a and "--enable-memory-saver" in a for a in argv)
+    assert argv[2][argv[2].index("--model-path") + 1] == env["PM_MODEL"]
+    args = (tmp_path / "driver_args.txt").read_text().split("\n")
+    assert "--iterations=1" in args and "--server_memory_saver=true" in args
+    urls = [a for a in args if a.startswith("--rollout.server_urls=")][0]
+    assert urls == f"--rollout.server_urls=[http://127.0.0.1:{env['POLICY_PORT']},http://127.0.0.1:" \
+                   f"{int(env['POLICY_PORT']) + 1}]"
+    assert "stopped 2 server(s)" in out.stdout and "stopped 1 server(s)" in out.stdout  # the EXIT trap
+
+    # SGLANG_DETERMINISTIC=0: no flag, and the script says plainly what that costs
+    (tmp_path / "server_argv.txt").unlink()
+    env.update(SGLANG_DETERMINISTIC="0", POLICY_PORT=str(free_port_pair()), JUDGE_PORT=str(free_port_pair()))
+    out = subprocess.run(["bash", str(REPO / "launch/torchrun_inpo.sh")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rollouts will not be reproducible" in out.stderr
+    assert "--enable-deterministic-inference" not in (tmp_path / "server_argv.txt").read_text()
+
+
+def test_torchrun_script_stops_before_servers_when_memory_does_not_fit(tmp_path):
+    env = _script_env(tmp_path, GPU_MEMORY_GIB="40")
+    out = subprocess.run(["bash", str(REPO / "launch/torchrun_inpo.sh")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert "judge 0 (GPUs 0)" in out.stderr and "below its minimum" in out.stderr
+    assert "started SGLang server" not in out.stderr and not (tmp_path / "driver_args.txt").exists()
