@@ -21,8 +21,8 @@ def verify_mcore_against_hf(mcore_dir, hf_dir, seq: int = 32, batch: int = 2, se
     from megatron.core import dist_checkpointing
     from transformers import AutoModelForCausalLM
 
-    from megatron_inpo.convert.mcore_to_hf import read_meta
     from megatron_inpo.engine import parallel
+    from megatron_inpo.engine.checkpoint import read_meta  # the checkpoint the conversion has just written
     from megatron_inpo.engine.model import build_model
 
     meta = read_meta(Path(mcore_dir))

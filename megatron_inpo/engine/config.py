@@ -84,13 +84,6 @@ class ParallelConfig:
         return world_size // self.model_parallel_size
 
 
-def te_available() -> bool:
-    """True when CUDA is available and transformer_engine imports (it must never be imported on CPU)."""
-    from megatron_inpo.engine.model import te_available as available
-
-    return available()
-
-
 @dataclass
 class ModelConfig:
     """How to build the Megatron model; the architecture itself comes from the HF config.json."""
@@ -121,6 +114,8 @@ class ModelConfig:
     def resolved_layer_spec(self) -> str:
         """'te' or 'local': the one rule for 'auto', used by training, the log-prob pass and the driver's import."""
         if self.layer_spec == AUTO:
+            from megatron_inpo.engine.machine import te_available
+
             return "te" if te_available() else "local"
         return self.layer_spec
 
@@ -147,31 +142,9 @@ class ModelConfig:
             if self.precision == "fp32":
                 raise ConfigError("fp8: needs precision 'bf16' (or 'auto' on GPU) for the non-FP8 parts, got 'fp32'")
         if arch is not None:
-            self._validate_machine(arch, tp)
+            from megatron_inpo.engine.machine import check_model_on_this_machine
 
-    def _validate_machine(self, arch, tp: int) -> None:
-        if self.layer_spec == "te" and not te_available():
-            raise ConfigError("layer_spec='te' needs CUDA and an importable transformer_engine (install the GPU "
-                              "extra); use 'local' or 'auto'")
-        if not self.fp8:
-            return
-        if not te_available():
-            raise ConfigError("fp8 needs Transformer Engine on a CUDA GPU (transformer_engine does not import "
-                              "here); set fp8 to ''")
-        if self.resolved_layer_spec() != "te":
-            raise ConfigError("fp8 needs layer_spec 'te' (or 'auto' with Transformer Engine)")
-        for name, n in (("hidden_size", arch.hidden_size), ("intermediate_size", arch.intermediate_size),
-                        ("head_dim", arch.head_dim)):
-            if n % 16:
-                raise ConfigError(f"fp8: FP8 GEMMs need config.json {name}={n} divisible by 16")
-        per_rank = (("intermediate_size / TP", arch.intermediate_size, arch.intermediate_size // max(tp, 1)),
-                    ("num_attention_heads * head_dim / TP", arch.num_heads * arch.head_dim,
-                     arch.num_heads * arch.head_dim // max(tp, 1)))
-        for name, n, local in per_rank:
-            if tp > 1 and (n % tp or local % 16):
-                raise ConfigError(f"fp8: FP8 GEMMs need {name} = {n} / {tp} divisible by 16 on each "
-                                  f"tensor-parallel rank; use a smaller tensor_model_parallel_size")
-
+            check_model_on_this_machine(self, arch, tp)
 
 @dataclass
 class EngineConfig:

@@ -12,15 +12,14 @@ API (what the engine, converter and tests call; process groups must exist: `engi
     build_model(hf_config, config=ModelConfig(...), sequence_parallel=...)   the options as engine.config.ModelConfig.
     LlamaArch.from_hf(hf_config)    validated dimensions (ConfigError names the config.json field).
     padded_vocab(vocab_size, tp, divisor=128)   Megatron's padding: multiple of divisor * tp.
-    te_available()                  True only when CUDA is available AND transformer_engine imports.
 
 Layer specs: "te" = Transformer Engine modules (GPU; fused norm+linear names `linear_qkv.layer_norm_weight`),
 "local" = Megatron-Core's local modules with OUR core attention on torch scaled_dot_product_attention
 (`attention="sdpa"`, default; Megatron's unfused local attention is 0.54x of transformers on an H100) or
-Megatron's own (`attention="unfused"`). "auto" = "te" when te_available() else "local".
+Megatron's own (`attention="unfused"`). "auto" = "te" when engine.machine.te_available() else "local".
 FP8: fp8="hybrid" (or "e4m3") with fp8_recipe "delayed" or "current" (= Megatron's "tensorwise" current scaling);
 needs the TE spec on CUDA and hidden / FFN / head sizes divisible by 16 (validate() says which is not).
-transformer_engine is imported only in this module, lazily, and only when CUDA is available.
+transformer_engine is imported only in engine/machine.py (te_available), lazily, and only when CUDA is available.
 """
 from __future__ import annotations
 
@@ -45,24 +44,6 @@ def padded_vocab(vocab_size: int, tp: int, divisor: int = 128) -> int:
     return -(-int(vocab_size) // m) * m
 
 
-_te_checked: Optional[bool] = None
-
-
-def te_available() -> bool:
-    """True when CUDA is available and transformer_engine imports (it must never be imported on CPU)."""
-    global _te_checked
-    if _te_checked is None:
-        if not torch.cuda.is_available():
-            _te_checked = False
-        else:
-            try:  # TE raises OSError/RuntimeError (not only ImportError) when its CUDA libraries are missing
-                import transformer_engine  # noqa: F401
-                import transformer_engine.pytorch  # noqa: F401
-
-                _te_checked = True
-            except Exception:
-                _te_checked = False
-    return _te_checked
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 
 from megatron_inpo.config import ConfigError
 from megatron_inpo.engine.config import ModelConfig
-from megatron_inpo.engine.model import LlamaArch, padded_vocab, te_available
+from megatron_inpo.engine.machine import te_available
+from megatron_inpo.engine.model import LlamaArch, padded_vocab
 from tests.helpers.model import tiny_config
 
 pytestmark = pytest.mark.megatron
@@ -44,7 +45,7 @@ def test_gpu_only_options_fail_clearly_on_cpu():
 
 def test_fp8_divisibility_checked(monkeypatch):
     """With TE pretended available, FP8 still rejects dims not divisible by 16 and names the field."""
-    import megatron_inpo.engine.model as M
+    import megatron_inpo.engine.machine as M
 
     monkeypatch.setattr(M, "_te_checked", True)
     arch = LlamaArch.from_hf(tiny_config("gqa_untied_rope", intermediate_size=104))
