@@ -11,6 +11,9 @@
       # prints POLICY_MEM_FRACTIONS=...  JUDGE_MEM_FRACTIONS=... (shell assignments) and a table on stderr
 
 Servers bind 127.0.0.1 unless --host says otherwise; server i gets port base+i and GPUs [i*tp, (i+1)*tp).
+--api-key env:VAR starts them with SGLang's --api-key set to $VAR (every call but /health then needs
+`Authorization: Bearer $VAR`; the clients read it with rollout.api_key / judge.api_key = env:VAR); servers
+reachable beyond this machine (--host other than 127.0.0.1) should always have one.
 --mem-fraction takes one value or one per server (comma-separated). `plan` computes them with SGLang's own
 KV-cache rule from the models' config.json and the GPUs' free memory (nvidia-smi, or --gpu-memory-gib), and
 exits with status 2 and a message naming the server when one would get less KV cache than one batch at full
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="--enable-deterministic-inference (SGLang ignores sampling_seed without it)")
     st.add_argument("--is-embedding", action="store_true", help="reward-model server for /classify")
     st.add_argument("--gpus", default="", help="comma-separated GPU ids (default 0..num_servers*tp-1)")
+    st.add_argument("--api-key", default="",
+                    help="SGLang --api-key of every server: env:VAR (read from the environment; preferred, a "
+                         "literal key here is visible to other users in ps) or the key itself; empty: none")
     st.add_argument("--extra-args", default="", help="more sglang.launch_server arguments, one string")
     st.add_argument("--server-cmd", default="", help="override the server program (default: python -m "
                                                       "sglang.launch_server)")
@@ -200,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                                  base_port=args.base_port, host=args.host,
                                  mem_fraction=fr[0] if len(fr) == 1 else 0.0,
                                  mem_fractions=fr if len(fr) > 1 else [], deterministic=args.deterministic,
-                                 is_embedding=args.is_embedding,
+                                 is_embedding=args.is_embedding, api_key=args.api_key,
                                  gpus=[int(g) for g in args.gpus.split(",") if g.strip()],
                                  extra_args=shlex.split(args.extra_args), log_dir=args.log_dir)
         if args.server_cmd:
             cfg.command = shlex.split(args.server_cmd)
-        urls = start_servers(cfg, args.state, wait_timeout_s=args.wait_timeout)
+        from megatron_inpo.config import ConfigError
+
+        try:
+            urls = start_servers(cfg, args.state, wait_timeout_s=args.wait_timeout)
+        except ConfigError as e:
+            print(f"start: {e}", file=sys.stderr)
+            return 2
         print(",".join(urls), flush=True)
         if args.ready_file:
             from megatron_inpo.files import atomic_write_text

@@ -24,7 +24,13 @@ POLICY_TP="${POLICY_TP:-1}"; POLICY_SERVERS="${POLICY_SERVERS:-8}"
 POLICY_PORT="${POLICY_PORT:-30000}"; JUDGE_PORT="${JUDGE_PORT:-30100}"
 mkdir -p "$RUN_DIR"
 
-SERVER_ARGS=("--extra-args=--enable-memory-saver")   # "=": argparse reads a separate "--..." as an option
+# A random API key per launch (SGLang's --api-key: every call but /health needs it): other users of the node can
+# reach 127.0.0.1 too. It travels in the environment only; the driver reads it through env:, so config.yaml holds
+# `env:INPO_SGLANG_API_KEY`, not the key. Set INPO_SGLANG_API_KEY to choose the key.
+INPO_SGLANG_API_KEY="${INPO_SGLANG_API_KEY:-$(head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n')}"
+export INPO_SGLANG_API_KEY
+SERVER_ARGS=("--extra-args=--enable-memory-saver"   # "=": argparse reads a separate "--..." as an option
+             --api-key env:INPO_SGLANG_API_KEY)
 if [ "${SGLANG_DETERMINISTIC:-1}" = 1 ]; then
   SERVER_ARGS+=(--deterministic)   # the recipes seed every sample (rollout.sampling.seed)
 else
@@ -59,4 +65,5 @@ JUDGE_URLS="[$(cat "$RUN_DIR/judge_urls.txt")]"
 megatron-inpo run --recipe "$RECIPE" --run_dir="$RUN_DIR" --model.hf_path="$SFT_MODEL" \
     --judge.model_path="$PM_MODEL" --rollout.server_urls="$POLICY_URLS" --judge.server_urls="$JUDGE_URLS" \
     --launch.nproc_per_node=8 --launch.master_port="${MASTER_PORT:-29700}" \
-    --server_memory_saver=true "$@"
+    --server_memory_saver=true --rollout.api_key=env:INPO_SGLANG_API_KEY \
+    --judge.api_key=env:INPO_SGLANG_API_KEY "$@"

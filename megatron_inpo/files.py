@@ -1,6 +1,10 @@
 """Crash-safe file writes shared by every stage: write to a temporary sibling, fsync, then rename.
 
 A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of it.
+
+Outputs get the permissions of any other file the process creates: 0666 (files) / 0777 (directories) less the
+umask, not the 0600 / 0700 of tempfile's private temporaries, so another user (or a server running as another
+user) can read an export as far as the umask allows.
 """
 from __future__ import annotations
 
@@ -10,7 +14,36 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+import threading
 from typing import Any, Iterator
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _read_umask() -> int:
+    """The process's current umask, read without changing it where /proc says it (Linux >= 4.7); else by setting
+    and restoring it under a lock (only this module's writers read it that way)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """Mode of a new output file: what open() would give it (0o666 less the umask)."""
+    return 0o666 & ~_read_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new output directory: what mkdir() would give it (0o777 less the umask)."""
+    return 0o777 & ~_read_umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,13 +66,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 -> what open() would have made
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # write()/fsync() name no file
+            e.filename = str(path)
         raise
     _fsync_dir(path.parent)
     return path
@@ -65,6 +101,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp's 0700 -> what mkdir() would have made
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,8 @@
 Every command that takes a config resolves it with the one loader (`megatron_inpo.cli.loader`): recipe, then
 `--config` YAML, then `--a.b=value` overrides, validated; `--print-config` and `--help` (every field with its
 docstring) work the same everywhere. Sub-command modules are imported only when called, so `megatron-inpo
-verify-nash` never imports Megatron-Core.
+verify-nash` never imports Megatron-Core. Failures become one-line messages in one place, `loader.guard`: exit 2
+for bad input or a broken environment (disk full, read-only directory, unreachable server, ...), 130 for Ctrl-C.
 """
 from __future__ import annotations
 
@@ -43,5 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"megatron-inpo: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from megatron_inpo.cli.loader import guard
+
+    # guard: a Ctrl-C while the command's modules import (seconds for torch) is a message too, not a traceback
+    return guard(f"megatron-inpo {name}", lambda: importlib.import_module(COMMANDS[name][0]).main(rest))

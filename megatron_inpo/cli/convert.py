@@ -37,11 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROG = "megatron-inpo convert"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from megatron_inpo.cli.loader import guard
+
+    args = build_parser().parse_args(argv)
+    # a full disk, a read-only output directory, Ctrl-C, a broken checkpoint: loader.guard's one-line message
+    return guard(PROG, lambda: _convert(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_inpo.cli.loader import one_line
     from megatron_inpo.config import ConfigError
     from megatron_inpo.convert import ConvertError
 
-    args = build_parser().parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
             from megatron_inpo.convert.hf_to_mcore import convert_hf_to_mcore
@@ -56,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = convert_mcore_to_hf(args.mcore_dir, args.hf_dir, dtype=args.dtype,
                                           max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                           progress=not args.no_progress, verify=args.verify)
-    except (ConvertError, ConfigError, FileExistsError) as e:
-        print(f"megatron-inpo convert: error: {e}", file=sys.stderr)
-        return 1
+    except (ConvertError, ConfigError, FileExistsError) as e:  # bad input: exit 2, as every command
+        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     finally:
         import torch.distributed as dist
 

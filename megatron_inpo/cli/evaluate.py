@@ -60,31 +60,33 @@ def _run(rcfg: Any, args: argparse.Namespace) -> int:
     import yaml
 
     from megatron_inpo.config import ConfigError, from_dict
-    from megatron_inpo.data.preferences import DataError
     from megatron_inpo.data.prompts import read_prompts
     from megatron_inpo.evaluate import evaluate_pair
     from megatron_inpo.judge.base import JudgeConfig, make_judge
     from megatron_inpo.rollout.engine import SamplingConfig
 
-    try:
-        for flag, path in (("--policy", args.policy), ("--baseline", args.baseline)):
-            if not (Path(path) / "config.json").exists():
-                raise ConfigError(f"{flag} {path}: not an HF model directory (no config.json)")
-        if bool(args.judge_function) == bool(args.judge_config):
-            raise ConfigError("give exactly one of --judge-function and --judge-config")
-        if args.judge_function:
-            jcfg = JudgeConfig(kind="programmatic", function=args.judge_function)
-        else:
+    # bad input, a full disk, Ctrl-C, ...: loader.guard's one-line message (exit 2, 130)
+    for flag, path in (("--policy", args.policy), ("--baseline", args.baseline)):
+        if not (Path(path) / "config.json").exists():
+            raise ConfigError(f"{flag} {path}: not an HF model directory (no config.json)")
+    if bool(args.judge_function) == bool(args.judge_config):
+        raise ConfigError("give exactly one of --judge-function and --judge-config")
+    if args.judge_function:
+        jcfg = JudgeConfig(kind="programmatic", function=args.judge_function)
+    else:
+        try:
             with open(args.judge_config, encoding="utf-8") as f:
-                jcfg = from_dict(JudgeConfig, yaml.safe_load(f) or {}, where=args.judge_config)
-        sampling = SamplingConfig(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                  seed=args.seed)
-        sampling.validate()
-        prompts = read_prompts(args.prompts, limit=args.limit or None)
-        judge = make_judge(jcfg)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+                loaded = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--judge-config {args.judge_config}: not readable YAML ({type(e).__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--judge-config {args.judge_config}: not a mapping of JudgeConfig fields")
+        jcfg = from_dict(JudgeConfig, loaded, where=args.judge_config)
+    sampling = SamplingConfig(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed)
+    sampling.validate()
+    prompts = read_prompts(args.prompts, limit=args.limit or None)
+    judge = make_judge(jcfg)
     res = evaluate_pair(rcfg, judge, args.policy, args.baseline, prompts, args.samples, sampling, args.out,
                         both_orders=not args.one_order)
     pl, bl = res["policy_length"], res["baseline_length"]

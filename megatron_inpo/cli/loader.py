@@ -12,13 +12,43 @@ A command's config is a dataclass. The command line resolves it in one order, th
 `--help` lists every field (dotted name) with the first line of its docstring. A config error exits 2 with
 `megatron-inpo CMD: config error: ...`. Nothing here imports torch or Megatron-Core; commands import their
 heavy modules inside their body.
+
+`guard` is the one place where failures become messages, for every command (run_command calls it, and so does
+the top-level `megatron-inpo` dispatcher around importing a command): each is ONE line on stderr,
+`megatron-inpo CMD: error: ...`, never a traceback:
+
+- bad input or a broken environment exits 2 (EXIT_BAD_INPUT): the project's own errors (config, data,
+  checkpoint, conversion, SGLang requests that failed for good), a disk full (ENOSPC / EDQUOT), a read-only or
+  forbidden directory (EROFS / EACCES / EPERM), a missing file, an unreachable server, and torch's
+  CheckpointException (a BaseException that `except Exception` does not catch);
+- Ctrl-C exits 130 (EXIT_INTERRUPTED) with `interrupted; rerun the same command to resume` (every output is
+  written atomically or appended resumably, so the rerun continues where this one stopped);
+- anything else is a bug and keeps its traceback. `MEGATRON_INPO_TRACEBACK=1` shows the traceback of every error.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted; rerun the same command to resume"
+# The project's errors that mean "bad input or environment" (module, class); looked up in sys.modules only, so the
+# guard imports nothing: an exception of a class whose module was never imported cannot have been raised.
+INPUT_ERRORS = (
+    ("megatron_inpo.config", "ConfigError"),
+    ("megatron_inpo.data.preferences", "DataError"),
+    ("megatron_inpo.engine.checkpoint", "CheckpointError"),
+    ("megatron_inpo.convert", "ConvertError"),
+    ("megatron_inpo.engine.mapping", "MappingError"),
+    ("megatron_inpo.engine.parallel", "ParallelError"),
+    ("megatron_inpo.serving.pool", "SGLangError"),
+)
+_RESUMABLE = "; rerun the same command to resume once that is fixed"
 
 
 @dataclass(frozen=True)
@@ -141,18 +171,120 @@ def config_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a line ending in ':' runs on into the next, other lines are joined by '; '."""
+    out = ""
+    for line in (x.strip() for x in str(text).splitlines()):
+        if not line:
+            continue
+        out = line if not out else out + (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def _is_input_error(e: BaseException) -> bool:
+    for module, name in INPUT_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
+
+
+def is_checkpoint_exception(e: BaseException) -> bool:
+    """torch.distributed.checkpoint's CheckpointException (told by name: nothing is imported for it)."""
+    t = type(e)
+    return t.__name__ == "CheckpointException" and t.__module__.startswith("torch.distributed.checkpoint")
+
+
+def checkpoint_exception_summary(e: BaseException) -> str:
+    """torch's CheckpointException in one line: the first failing rank's error (its str() holds every rank's
+    whole traceback)."""
+    failures = getattr(e, "failures", None) or {}
+    for rank in sorted(failures):
+        exc = failures[rank]
+        exc = exc[0] if isinstance(exc, tuple) else exc
+        more = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
+        text = str(exc) or ("the file ends early (truncated?)" if isinstance(exc, EOFError) else "")
+        return one_line(f"rank {rank}: {type(exc).__name__}: {text}{more}".rstrip(": "))
+    return one_line(str(e.args[0]) if e.args else type(e).__name__)
+
+
+def _where(e: OSError) -> str:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f": {' -> '.join(names)}" if names else ""
+
+
+def describe_os_error(e: OSError) -> str:
+    """A broken environment in words: what happened and to which file."""
+    code = e.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"no space left on device{_where(e)} ({e.strerror or 'disk full'}){_RESUMABLE}"
+    if code == errno.EROFS:
+        return f"read-only file system{_where(e)}; write the output somewhere writable"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied{_where(e)}"
+    if code == errno.ENOENT:
+        return f"no such file or directory{_where(e)}"
+    if isinstance(e, (ConnectionError, TimeoutError)) or code is None:
+        return one_line(str(e)) or type(e).__name__
+    return f"{e.strerror or e}{_where(e)}"
+
+
+def explain(e: BaseException) -> str | None:
+    """The one-line message of a failure that is not a bug (bad input, broken environment), else None."""
+    if isinstance(e, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+        return None
+    if is_checkpoint_exception(e):
+        return f"cannot read or write the distributed checkpoint ({checkpoint_exception_summary(e)})"
+    if _is_input_error(e):
+        return one_line(str(e)) or type(e).__name__
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    return None
+
+
+def guard(prog: str, fn: Callable[[], int | None]) -> int:
+    """Run `fn()` and return its exit status; bad input / environment -> one line on stderr and 2, Ctrl-C -> 130
+    (see the module docstring). Bugs propagate with their traceback."""
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        if os.environ.get("MEGATRON_INPO_TRACEBACK"):
+            raise
+        _say(f"{prog}: {INTERRUPTED}")
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        msg = explain(e)
+        if msg is None or os.environ.get("MEGATRON_INPO_TRACEBACK"):
+            raise
+        _say(f"{prog}: error: {msg}")
+        return EXIT_BAD_INPUT
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr itself gone (a closed pipe): the exit status still tells
+        pass
+
+
 def run_command(cmd: Command, argv: list[str] | None, body: Callable[[Any, argparse.Namespace], int | None]) -> int:
     """The whole command-line protocol: load the config (a config error exits 2 with `PROG: config error: ...`),
-    answer --print-config (exit 0), else return `body(cfg, args)` (None reads as 0)."""
+    answer --print-config (exit 0), else return `body(cfg, args)` (None reads as 0), under `guard`."""
     from megatron_inpo.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, args = load_config(cmd, argv)
-    except (ConfigError, OSError) as e:
-        print(f"{cmd.prog}: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(config_yaml(cfg), end="")
-        return 0
-    return int(body(cfg, args) or 0)
+
+    def protocol() -> int:
+        try:
+            cfg, args = load_config(cmd, argv)
+        except (ConfigError, OSError) as e:
+            msg = one_line(str(e)) if isinstance(e, ConfigError) else describe_os_error(e)
+            _say(f"{cmd.prog}: config error: {msg}")
+            return EXIT_BAD_INPUT
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
+        return int(body(cfg, args) or 0)
+
+    return guard(cmd.prog, protocol)

@@ -7,7 +7,13 @@
 (algorithm.selection) and rollout_batch_size; rollout.model_path must then be given (a run's 'auto' is the
 driver's export). Overrides name any field of RolloutStageConfig, e.g. rollout.model_path=hf_dir
 rollout.sampling.n=8 judge.kind=pairwise judge.model_path=pm_dir method=tournament iteration=2. Writes OUT,
-OUT.dropped.jsonl, OUT.config.yaml and OUT.stats.json.
+OUT.dropped.jsonl, OUT.config.yaml, OUT.identity.json and OUT.stats.json.
+
+Resuming into an existing OUT needs the same config identity: every field but RESUME_MUTABLE (where the servers
+are and how long to wait for them, wait_healthy_s, limit), which cannot change a pair. Another sampling, model,
+judge, pair selection, batch size or iteration is refused with the differing fields listed, also when
+OUT.config.yaml was deleted (OUT.identity.json keeps the fields and their digest; rollout/pipeline.claim_output).
+Bad input, an unreachable server, a full disk exit 2 with a one-line message; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -22,8 +28,13 @@ from megatron_inpo.cli.loader import Command, run_command
 from megatron_inpo.config import ConfigError
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.rollout.engine import RolloutConfig
+from megatron_inpo.serving.pool import TRANSPORT_FIELDS
 
 PROG = "megatron-inpo rollout"
+# Fields that may differ between an output and its resumption: where the servers are, how long to wait for them,
+# how many prompts to take (each prompt's pairs do not depend on it). Everything else is the output's identity.
+RESUME_MUTABLE = frozenset({"wait_healthy_s", "limit"} |
+                           {f"{section}.{f}" for section in ("rollout", "judge") for f in TRANSPORT_FIELDS})
 
 
 @dataclass
@@ -94,26 +105,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
-    from megatron_inpo.config import save_yaml
-    from megatron_inpo.data.preferences import DataError
+    # Bad prompts, another config's output, an unreachable server, a full disk, Ctrl-C: loader.guard's message.
     from megatron_inpo.data.prompts import read_prompts
     from megatron_inpo.files import atomic_write_json
     from megatron_inpo.judge.base import make_judge
     from megatron_inpo.rollout.engine import make_engine
-    from megatron_inpo.rollout.pipeline import generate_preferences
+    from megatron_inpo.rollout.pipeline import claim_output, generate_preferences
 
-    try:
-        prompts = read_prompts(args.prompts, limit=cfg.limit or None)
-    except DataError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    prompts = read_prompts(args.prompts, limit=cfg.limit or None)
     out = Path(args.out)
-    save_yaml(cfg, out.with_name(out.name + ".config.yaml"))
+    claim_output(out, cfg, RESUME_MUTABLE)  # before any model loads: another config's output is refused at once
     engine = make_engine(cfg.rollout)
     judge = make_judge(cfg.judge)
     try:
         if cfg.rollout.backend == "sglang" and cfg.wait_healthy_s > 0:
-            engine.pool.wait_healthy(cfg.wait_healthy_s)  # type: ignore[attr-defined]
+            _wait_healthy(engine.pool, cfg.wait_healthy_s)  # type: ignore[attr-defined]
         stats = generate_preferences(prompts, engine, judge, out, method=cfg.method, iteration=cfg.iteration,
                                      model_version=cfg.model_version or cfg.rollout.model_path,
                                      batch_size=cfg.batch_size, progress=not args.no_progress)
@@ -125,6 +131,15 @@ def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
     print(f"{out}: {stats['pairs']} pairs, {stats['dropped']} dropped, {stats['skipped']} skipped (done before); "
           f"{stats['prompts_per_s']:.2f} prompts/s, {stats['tokens_per_s']:.1f} tokens/s")
     return 0
+
+
+def _wait_healthy(pool: Any, timeout_s: float) -> None:
+    logging.getLogger(__name__).info("waiting up to %.0f s for SGLang server(s) %s", timeout_s, pool.urls)
+    try:
+        pool.wait_healthy(timeout_s)
+    except TimeoutError as e:
+        raise ConfigError(f"rollout.server_urls: {e} (unreachable? start them, fix the URLs or raise "
+                          "wait_healthy_s)") from None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 Overrides are dotted RunConfig fields, as `--a.b=value`, `--a.b value` or `a.b=value`. Rerunning the same command
 after a crash (or Ctrl-C, or SIGKILL) continues where the run stopped; a different config for the same run_dir is
-refused. Recipes: megatron_inpo/driver/recipes.py (tiny_cpu when neither --recipe nor --config is given).
+refused, also when config.yaml was deleted (see driver/manifest.py; a moved run directory resumes). Bad input or
+a broken environment exits 2 with a one-line message, Ctrl-C exits 130 (cli/loader.guard). Recipes:
+megatron_inpo/driver/recipes.py (tiny_cpu when neither --recipe nor --config is given).
 """
 from __future__ import annotations
 
@@ -45,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: Any, args: argparse.Namespace) -> int:
-    from megatron_inpo.config import ConfigError
-    from megatron_inpo.data.preferences import DataError
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _quiet_libraries()
     from megatron_inpo.driver.loop import Driver
@@ -57,11 +56,8 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
     driver = Driver(cfg, progress=not args.no_progress, out=lambda s: print(s, flush=True))
     print(f"{PROG}: {cfg.iterations} iteration(s) of {cfg.algorithm.objective.name} "
           f"(engine {cfg.engine}) in {driver.run_dir}", flush=True)
-    try:
+    try:  # bad input, a full disk, Ctrl-C, ...: loader.guard's one-line message (exit 2, 130)
         rows = driver.run()
-    except (ConfigError, DataError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
     except StageError as e:
         print(f"{PROG}: {e}\nrerun the same command to resume", file=sys.stderr)
         return 1

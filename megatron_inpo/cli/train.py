@@ -41,18 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_engine_stage(cmd: Command, argv: list[str] | None, fn: Callable[[Any], Any],
                      report: Callable[[Any], str | None]) -> int:
     """Shared body of the engine's commands: load the config, run `fn(cfg)`, tear down the process groups, print
-    `report(result)` (nothing for None). Bad config, data or checkpoints exit 2 with the message."""
+    `report(result)` (nothing for None). Bad config, data or checkpoints, a full disk, Ctrl-C, ...: the message of
+    loader.guard (exit 2, 130)."""
 
     def body(cfg: Any, _args: Any) -> int:
-        from megatron_inpo.config import ConfigError
-        from megatron_inpo.data.preferences import DataError
-        from megatron_inpo.engine.checkpoint import CheckpointError
-
         try:
             result = fn(cfg)
-        except (ConfigError, DataError, CheckpointError) as e:
-            print(f"{cmd.prog}: {e}", file=sys.stderr)
-            return 2
         finally:
             _shutdown()
         line = report(result)

@@ -45,6 +45,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if n > _MAX_HEADER or 8 + n > size:
                 raise ConvertError(f"{path}: corrupted safetensors file (header length {n} exceeds the file)")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ConvertError(f"{path}: corrupted safetensors file (header is a JSON {type(header).__name__}, not "
+                               "an object)")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: corrupted safetensors file (header is not valid JSON: {e})") from None
     except FileNotFoundError:
@@ -54,6 +57,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(meta, dict):
+            raise ConvertError(f"{path}: corrupted safetensors header entry {name!r} (not an object)")
         try:
             dtype = DTYPES[meta["dtype"]]
             shape = tuple(int(x) for x in meta["shape"])
@@ -71,6 +76,39 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _shard_name_error(name: object) -> str | None:
+    """Why an index's file name is refused (None: a plain relative path inside the model directory)."""
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if "\0" in name:
+        return "contains a NUL byte"
+    if os.path.isabs(name):
+        return "is an absolute path"
+    if ".." in Path(name).parts:
+        return "leaves the model directory"
+    return None
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of `model.safetensors.index.json`: tensor name -> shard file, each a relative path inside
+    the model directory. An absolute path or one with '..' (an index naming /etc/passwd, or ../other/model) is
+    refused with a ConvertError naming the entry; symlinks inside the directory (the HF hub cache) are followed as
+    usual."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{index}: invalid index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index}: invalid index (no 'weight_map' mapping of tensor name -> file)")
+    for name, f in weight_map.items():
+        why = _shard_name_error(f)
+        if why:
+            raise ConvertError(f"{index}: weight_map entry {name!r}: file {f!r} {why}; shards must be files inside "
+                               f"{index.parent}")
+    return weight_map
+
+
 class SafetensorsSource:
     """All tensors of an HF directory (sharded with an index, or a single model.safetensors)."""
 
@@ -78,10 +116,7 @@ class SafetensorsSource:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConvertError(f"{index}: invalid index ({e!r})") from None
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
             for f in files:
                 if not (self.dir / f).exists():

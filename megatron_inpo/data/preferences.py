@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +61,11 @@ class PreferencePair:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
 
     @classmethod
-    def from_obj(cls, obj: object, where: str) -> "PreferencePair":
+    def from_obj(cls, obj: object, where: str, vocab_size: int | None = None) -> "PreferencePair":
+        """A pair from one parsed JSON line; every field is checked (types, ranges, token ids below `vocab_size`
+        when given) and a bad one raises DataError naming `where` and the field."""
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {_kind(obj)}")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
@@ -72,42 +75,204 @@ class PreferencePair:
         unknown = sorted(set(obj) - names)
         if unknown:
             raise DataError(f"{where}: unknown field(s) {unknown}")
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = obj[key]
-            if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
-                raise DataError(f"{where}: field {key!r} must be a list of non-negative ints")
+        kw = dict(obj)
+        kw["prompt_id"] = check_id(obj["prompt_id"], where, "prompt_id")
+        for key in ("prompt", "chosen", "rejected", "model_version", "judge"):
+            if key in obj:
+                check_text(obj[key], where, key)
+        check_token_ids(obj["prompt_ids"], where, "prompt_ids", vocab_size,
+                        empty="the first response token needs a context (put BOS in the prompt)")
         for key in ("chosen_ids", "rejected_ids"):
-            if not obj[key]:
-                raise DataError(f"{where}: field {key!r} is empty (a response needs at least one token)")
-        return cls(**obj)
+            check_token_ids(obj[key], where, key, vocab_size, empty="a response needs at least one token")
+        if "iteration" in obj:
+            it = obj["iteration"]
+            if type(it) is not int or it < 1:
+                raise DataError(f"{where}: field 'iteration' must be an integer >= 1, got {_short(it)}")
+        for key in ("chosen_prob", "chosen_winrate", "rejected_winrate"):
+            if obj.get(key) is not None:
+                kw[key] = check_float(obj[key], where, key, lo=0.0, hi=1.0)
+        for key in LOGP_FIELDS:
+            if obj.get(key) is not None:
+                # a log-probability sum is <= 0; the tolerance allows float rounding of a near-certain response
+                kw[key] = check_float(obj[key], where, key, hi=LOGP_TOLERANCE)
+        if "extra" in obj and not isinstance(obj["extra"], dict):
+            raise DataError(f"{where}: field 'extra' must be a JSON object, got {_kind(obj['extra'])}")
+        return cls(**kw)
 
     @property
     def has_logps(self) -> bool:
         return None not in (self.ref_chosen_logp, self.ref_rejected_logp, self.last_chosen_logp, self.last_rejected_logp)
 
 
+LOGP_FIELDS = ("ref_chosen_logp", "ref_rejected_logp", "last_chosen_logp", "last_rejected_logp")
+LOGP_TOLERANCE = 1e-3
+"""Largest log-prob sum accepted: a sum of log-softmax values is <= 0 up to float rounding."""
+
+
+# --- field checks shared by every reader (preferences, prompts, SFT): each error names `where` and the field ---
+
+def _kind(value: object) -> str:
+    return {bool: "a boolean", type(None): "null", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """repr of a value cut to one short line (a hostile file may hold megabytes in one field)."""
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    if isinstance(value, (str, list, dict)):
+        return r[:limit] + f"... ({_kind(value)} of length {len(value)})"
+    return r[:limit] + "..."
+
+
+def check_text(value: object, where: str, key: str, allow_empty: bool = True) -> str:
+    """A text field: a string that is valid Unicode (JSON's \\ud800 escapes can smuggle lone surrogates in, which
+    no tokenizer or UTF-8 writer accepts)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {_kind(value)} {_short(value)}")
+    if not value and not allow_empty:
+        raise DataError(f"{where}: field {key!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {key!r} holds an unpaired surrogate (\\u{ord(value[e.start]):04x} at "
+                        f"character {e.start}): not valid Unicode") from None
+    return value
+
+
+def check_id(value: object, where: str, key: str) -> str:
+    """A record id: a non-empty string or an integer (not a boolean); returned as a string."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
+        raise DataError(f"{where}: field {key!r} must be a non-empty string or an integer, got {_short(value)}")
+    if isinstance(value, str):
+        check_text(value, where, key)
+    return str(value)
+
+
+def check_token_ids(value: object, where: str, key: str, vocab_size: int | None = None,
+                    empty: str | None = None) -> list[int]:
+    """A list of token ids: plain non-negative ints (no booleans, no floats), below `vocab_size` when given;
+    non-empty unless `empty` is None (then an empty list is fine), whose text explains why."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field {key!r} must be a list of non-negative ints (token ids), got "
+                        f"{_kind(value)} {_short(value)}")
+    if not value:
+        if empty is not None:
+            raise DataError(f"{where}: field {key!r} is empty ({empty})")
+        return value
+    # C-speed checks of the common, valid case; the slow walk below only runs to name a bad entry
+    if set(map(type, value)) == {int} and min(value) >= 0 and (vocab_size is None or max(value) < vocab_size):
+        return value
+    for j, t in enumerate(value):
+        if type(t) is not int or t < 0:
+            raise DataError(f"{where}: field {key!r} must be a list of non-negative ints (token ids); entry {j} is "
+                            f"{_kind(t)} {_short(t)}")
+        if vocab_size is not None and t >= vocab_size:
+            raise DataError(f"{where}: field {key!r}: token id {t} (entry {j}) is outside the model's vocabulary "
+                            f"(size {vocab_size})")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_float(value: object, where: str, key: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite number (no NaN / inf, no strings or booleans) within [lo, hi] when given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field {key!r} must be a number, got {_kind(value)} {_short(value)}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise DataError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        rng = f"[{lo}, {hi}]" if lo is not None and hi is not None else (f"<= {hi}" if hi is not None else f">= {lo}")
+        raise DataError(f"{where}: field {key!r} must be {rng}, got {value!r}")
+    return x
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed object) for each non-blank line; a bad line raises DataError naming it."""
+    """Yield (line number, parsed object) for each non-blank line; a bad line raises DataError naming it.
+
+    Lines are split on b"\\n" (as the appenders write them) and decoded one by one, so invalid UTF-8 is reported
+    with its line; a UTF-8 byte-order mark on line 1 is skipped. An object with a repeated key is refused (JSON
+    would silently keep the last value).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                "of the line)") from None
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except _DuplicateKey as e:
+                raise DataError(f"{path}:{lineno}: field {e.args[0]!r} appears twice in one object") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+            except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            yield lineno, obj
 
 
-def read_preferences(path: str | os.PathLike, require_logps: bool = False) -> list[PreferencePair]:
+def read_preferences(path: str | os.PathLike, require_logps: bool = False, *, require_winrates: bool = False,
+                     vocab_size: int | None = None, max_len: int | None = None, max_len_name: str = "max_seq_len",
+                     unique_ids: bool = True) -> list[PreferencePair]:
+    """Every pair of a preference JSONL file, checked line by line (DataError naming file:line and the field).
+
+    require_logps / require_winrates: the four *_logp columns (training) / both win rates (SPPO) on every pair.
+    vocab_size: token ids must be below it (the model's vocabulary). max_len: the longer of the two sequences
+    (prompt + response - 1 input tokens) must fit; `max_len_name` names the bound in the message. unique_ids:
+    each prompt_id once (the stages key their resumption on it). An empty file is an error.
+    """
     pairs = []
+    seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        pair = PreferencePair.from_obj(obj, f"{path}:{lineno}")
+        where = f"{path}:{lineno}"
+        pair = PreferencePair.from_obj(obj, where, vocab_size=vocab_size)
         if require_logps and not pair.has_logps:
-            raise DataError(f"{path}:{lineno}: log-prob columns missing; run the log-prob pass first")
+            raise DataError(f"{where}: log-prob columns missing; run the log-prob pass first")
+        if require_winrates and (pair.chosen_winrate is None or pair.rejected_winrate is None):
+            raise DataError(f"{where}: fields 'chosen_winrate' and 'rejected_winrate' are needed (objective sppo); "
+                            "judge with method all_pairs")
+        if max_len is not None:
+            n = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)) - 1
+            if n > max_len:
+                raise DataError(f"{where}: fields 'prompt_ids' + 'chosen_ids'/'rejected_ids': {n} tokens > "
+                                f"{max_len_name}={max_len}")
+        if unique_ids:
+            if pair.prompt_id in seen:
+                raise DataError(f"{where}: field 'prompt_id': duplicate {_short(pair.prompt_id)} (first on line "
+                                f"{seen[pair.prompt_id]})")
+            seen[pair.prompt_id] = lineno
         pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs (empty file)")
     return pairs
 
 

@@ -2,7 +2,7 @@
 
 `<run_dir>/manifest.json`::
 
-    {"format_version": 1, "config_sha256": "...",
+    {"format_version": 1, "config_sha256": "...", "identity_sha256": "...", "run_dir": "/abs/run_dir",
      "stages": {"sft": {"outputs": {...}, "seconds": 12.3, "finished": "2026-11-26T23:01:02Z", "attempts": 1},
                 "iter1/export": {...}, "iter1/rollout": {...}, ...},
      "attempts": {"iter1/train": 2, ...}}
@@ -18,6 +18,20 @@ nor releases twice.
 
 `<run_dir>/config.yaml` is the resolved config; a resumed run must resolve to the same config, or it is refused
 with the differing fields named (a silently changed config would mix two experiments in one run).
+
+The identity of a run is its resolved config less the fields that only say *where* things are or *how long to
+wait*, which cannot change any result (RESUME_MUTABLE): run_dir, stage_timeout_s, server_memory_saver, the launch
+ports / rendezvous address / node runner, and the transport of the SGLang clients (serving.pool.TRANSPORT_FIELDS
+of rollout, judge and eval.judge: server_urls, api_key, timeouts, retries, back-off, concurrency). Everything else is part of
+it, including input paths (prompts, model.hf_path: the files there may differ) and batch sizes (numerics may).
+Its sha256 is recorded in the manifest ("identity_sha256"), so a run whose config.yaml was deleted still refuses a
+different config (without the YAML the fields cannot be listed; the message says so); a matching config restores
+the YAML. Manifests written before the identity existed hold only "config_sha256", the digest of the whole config
+(run_dir included), which is compared instead when their config.yaml is missing.
+
+A moved run directory resumes: the manifest records where the run was ("run_dir") and rebases the absolute paths
+of the stage outputs it recorded there onto the new location (also those a stage finished on disk before the move
+reports afterwards: the former locations are kept in "moved_from").
 """
 from __future__ import annotations
 
@@ -25,19 +39,25 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from megatron_inpo.config import ConfigError, save_yaml, to_dict
 from megatron_inpo.files import atomic_write_json
+from megatron_inpo.serving.pool import TRANSPORT_FIELDS
 
 FORMAT_VERSION = 1
-# Fields that may change between a run and its resumption: they do not change any result.
-RESUME_MUTABLE = {"stage_timeout_s", "server_memory_saver"}
+# Fields (dotted; a name covers everything below it) that may change between a run and its resumption: they say
+# where the run and its servers are, or how long to wait, and do not change any result.
+RESUME_MUTABLE = frozenset({"run_dir", "stage_timeout_s", "server_memory_saver", "launch.master_port",
+                            "launch.rdzv_endpoint", "launch.rdzv_id", "launch.node_runner"} |
+                           {f"{section}.{f}" for section in ("rollout", "judge", "eval.judge")
+                            for f in TRANSPORT_FIELDS})
 
 
 def config_digest(cfg: Any) -> str:
+    """sha256 of the whole resolved config (what manifests before the identity recorded as config_sha256)."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
@@ -50,16 +70,53 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """'field: saved X, now Y' for every differing leaf (dotted names), sorted."""
+def _mutable(key: str, mutable: Iterable[str]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in mutable)
+
+
+def identity(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> dict[str, Any]:
+    """The fields of a config (dataclass or dict) that decide its results: dotted name -> value, sorted, without
+    the `mutable` ones (a name covers the fields below it)."""
+    flat = _flatten(to_dict(cfg))
+    return {k: flat[k] for k in sorted(flat) if not _mutable(k, mutable)}
+
+
+def identity_digest(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> str:
+    """sha256 of `identity(cfg, mutable)`: equal exactly when no result-changing field differs."""
+    return hashlib.sha256(json.dumps(identity(cfg, mutable), sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def config_diff(old: dict, new: dict, mutable: Iterable[str] = RESUME_MUTABLE) -> list[str]:
+    """'field: saved X, now Y' for every differing leaf (dotted names) outside `mutable`, sorted."""
     a, b = _flatten(old), _flatten(new)
     out = []
     for k in sorted(set(a) | set(b)):
-        if k.split(".")[0] in RESUME_MUTABLE:
+        if _mutable(k, mutable):
             continue
         if a.get(k, "<absent>") != b.get(k, "<absent>"):
             out.append(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}")
     return out
+
+
+def different_config(where: str, saved: str, diff: list[str], advice: str) -> ConfigError:
+    """The one-line refusal of a resumption with another config, listing the differing fields."""
+    return ConfigError(f"{where} holds output of a different config ({saved}); {advice}. Differences: "
+                       + "; ".join(diff))
+
+
+def _rebase(value: Any, old: str, new: str) -> Any:
+    """`value` with every string that is `old` or a path below it moved to `new` (lists and dicts walked)."""
+    if isinstance(value, str):
+        if value == old:
+            return new
+        if value.startswith(old.rstrip("/") + "/"):
+            return new.rstrip("/") + "/" + value[len(old.rstrip("/")) + 1:]
+        return value
+    if isinstance(value, list):
+        return [_rebase(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebase(v, old, new) for k, v in value.items()}
+    return value
 
 
 class Manifest:
@@ -73,30 +130,60 @@ class Manifest:
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{self.path}: corrupt manifest ({e.msg}); it is written atomically, so this "
-                                  "file was edited by hand or by another program") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{self.path}: corrupt manifest ({getattr(e, 'msg', None) or e.reason}); it is "
+                                  "written atomically, so this file was edited by hand or by another program") from None
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+                raise ConfigError(f"{self.path}: corrupt manifest (not a manifest object); it is written atomically, "
+                                  "so this file was edited by hand or by another program")
             if self.data.get("format_version") != FORMAT_VERSION:
                 raise ConfigError(f"{self.path}: manifest format {self.data.get('format_version')} is not "
                                   f"{FORMAT_VERSION}")
 
     @classmethod
     def open(cls, run_dir: str | Path, cfg: Any) -> "Manifest":
-        """Open (or start) the run in run_dir for `cfg`: saves config.yaml, or refuses a different config."""
+        """Open (or start) the run in run_dir for `cfg`: saves config.yaml, or refuses a different config.
+
+        The config is compared with config.yaml (the differing fields are listed) and with the identity digest the
+        manifest recorded (which still refuses a different config when config.yaml was deleted); a moved run
+        directory has its recorded stage outputs rebased (see the module docstring)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "config.yaml"
         m = cls(run_dir)
         new = to_dict(cfg)
+        digest = identity_digest(cfg)
+        advice = "resume it with the same command or use a new run_dir"
         if saved.exists():
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            try:
+                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{saved}: not a readable YAML config ({type(e).__name__}); restore it or use a "
+                                  "new run_dir") from None
+            if not isinstance(old, dict):
+                raise ConfigError(f"{saved}: not a config mapping; restore it or use a new run_dir")
             diff = config_diff(old, new)
             if diff:
-                raise ConfigError(f"{run_dir} holds a run with a different config ({saved}); resume it with the same "
-                                  "command or use a new run_dir. Differences:\n  " + "\n  ".join(diff))
-        else:
-            save_yaml(cfg, saved)
+                raise different_config(str(run_dir), str(saved), diff, advice)
+        recorded, digest_now = m.data.get("identity_sha256"), digest
+        if recorded is None and not saved.exists() and m.data.get("config_sha256") is not None:
+            # a manifest from before the identity, without its YAML: the digest of the whole config is all there is
+            recorded, digest_now = m.data["config_sha256"], config_digest(cfg)
+        if recorded is not None and recorded != digest_now:
+            what = ("its config.yaml was edited after the run started" if saved.exists()
+                    else f"{saved} is missing, so the differing fields cannot be listed")
+            raise ConfigError(f"{run_dir} holds a run of a different config (the manifest records config identity "
+                              f"sha256 {recorded[:12]}..., this config is {digest_now[:12]}...; {what}); {advice}")
+        old_dir = m.data.get("run_dir")
+        here = str(run_dir.resolve())
+        if old_dir and old_dir != here:  # moved: the recorded outputs live under the new location now
+            moved_from = [d for d in m.data.get("moved_from", []) if d != here] + [old_dir]
+            m.data["moved_from"] = moved_from
+            m.data["stages"] = _rebase(m.data["stages"], old_dir, here)
+        m.data["run_dir"] = here
+        save_yaml(cfg, saved)  # the same identity; location fields (run_dir, ...) as they are now
         m.data["config_sha256"] = config_digest(cfg)
+        m.data["identity_sha256"] = digest
         m._write()
         return m
 
@@ -124,6 +211,8 @@ class Manifest:
     def finish(self, key: str, outputs: dict, seconds: float) -> None:
         if key in self.data["stages"]:
             raise RuntimeError(f"stage {key!r} recorded twice in {self.path}")
+        for old in self.data.get("moved_from", []):  # a stage done on disk before the move reports old paths
+            outputs = _rebase(outputs, old, str(self.run_dir.resolve()))
         self.data["stages"][key] = {"outputs": outputs, "seconds": round(seconds, 3),
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     "attempts": self.attempts(key)}

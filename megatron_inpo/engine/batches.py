@@ -80,11 +80,12 @@ def make_sequence_batch(
     `pad_multiple`, or exactly `pad_to` when given (so every micro-batch of a pipeline step has one shape)."""
     lens = []
     for k, (p, r) in enumerate(seqs):
+        # the readers (read_preferences, read_sft) refuse these with file:line; this guards in-code callers
         if len(p) == 0:
-            raise DataError(f"sequence {indices[k] if indices else k}: empty prompt_ids; the first response token "
-                            "needs a context (put BOS in the prompt)")
+            raise DataError(f"item {indices[k] if indices else k} (0-based): empty prompt_ids; the first response "
+                            "token needs a context (put BOS in the prompt)")
         if len(r) == 0:
-            raise DataError(f"sequence {indices[k] if indices else k}: empty response")
+            raise DataError(f"item {indices[k] if indices else k} (0-based): empty response")
         lens.append(sequence_length(p, r))
     S = round_up(max(lens), pad_multiple)
     if pad_to is not None:
@@ -133,23 +134,47 @@ class SFTItem:
     response_ids: list[int]
 
 
-def read_sft(path: str | os.PathLike) -> list[SFTItem]:
-    """{"prompt_ids": [...], "response_ids": [...]} per line; other fields are ignored."""
-    from megatron_inpo.data.preferences import iter_jsonl
+def read_sft(path: str | os.PathLike, vocab_size: int | None = None, max_len: int | None = None,
+             max_len_name: str = "max_seq_len") -> list[SFTItem]:
+    """{"prompt_ids": [...], "response_ids": [...]} per line; other fields are ignored.
+
+    Both lists non-empty, plain non-negative ints, below `vocab_size` when given; prompt + response - 1 input
+    tokens at most `max_len` when given. Errors name file:line and the field; an empty file is an error."""
+    from megatron_inpo.data.preferences import check_token_ids, iter_jsonl
 
     items = []
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object")
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         for key in ("prompt_ids", "response_ids"):
-            ids = obj.get(key)
-            if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
-                raise DataError(f"{where}: field {key!r} must be a list of non-negative ints")
-        if not obj["prompt_ids"] or not obj["response_ids"]:
-            raise DataError(f"{where}: prompt_ids and response_ids must be non-empty")
-        items.append(SFTItem(obj["prompt_ids"], obj["response_ids"]))
+            if key not in obj:
+                raise DataError(f"{where}: missing field {key!r}")
+        check_token_ids(obj["prompt_ids"], where, "prompt_ids", vocab_size,
+                        empty="the first response token needs a context (put BOS in the prompt)")
+        check_token_ids(obj["response_ids"], where, "response_ids", vocab_size,
+                        empty="a response needs at least one token")
+        item = SFTItem(obj["prompt_ids"], obj["response_ids"])
+        if max_len is not None and item_length(item) > max_len:
+            raise DataError(f"{where}: fields 'prompt_ids' + 'response_ids': {item_length(item)} tokens > "
+                            f"{max_len_name}={max_len}")
+        items.append(item)
+    if not items:
+        raise DataError(f"{path}: no SFT records (empty file)")
     return items
+
+
+def model_limits(meta: dict) -> tuple[int | None, int | None]:
+    """(vocab_size, max_position_embeddings) of a checkpoint's HF config (None where absent or not an int): the
+    bounds of token ids and sequence lengths that the data readers check before any model is built."""
+    hf = meta.get("hf_config") if isinstance(meta, dict) else None
+    hf = hf if isinstance(hf, dict) else {}
+
+    def positive(key: str) -> int | None:
+        v = hf.get(key)
+        return v if type(v) is int and v > 0 else None
+
+    return positive("vocab_size"), positive("max_position_embeddings")
 
 
 def item_length(item: Any) -> int:

@@ -259,7 +259,16 @@ def save_to(
         sd["data"] = dict(data_state)
     if save_rng:
         sd["rng"] = _rng_sharded(_rng_state())
-    dist_checkpointing.save(sd, str(tmp))
+    try:
+        dist_checkpointing.save(sd, str(tmp))
+    except Exception as e:  # name the directory (a full disk, a read-only directory, ...)
+        raise CheckpointError(f"{final}: cannot save ({type(e).__name__}: {e})") from e
+    except BaseException as e:  # torch's CheckpointException is a BaseException: `except Exception` misses it
+        from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
+
+        if not is_checkpoint_exception(e):
+            raise
+        raise CheckpointError(f"{final}: cannot save ({checkpoint_exception_summary(e)})") from e
     dist.barrier()
 
     if dist.get_rank() == 0:
@@ -343,6 +352,13 @@ def load_checkpoint(
         loaded, _, unexpected = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
+        # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
+        from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
+
+        if not is_checkpoint_exception(e):
+            raise
+        raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
     absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if absent:
         raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. {absent[:6]} "

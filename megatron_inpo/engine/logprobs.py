@@ -208,6 +208,7 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
     from megatron_inpo.config import validate_all
     from megatron_inpo.data.preferences import read_preferences
     from megatron_inpo.engine import checkpoint as ckpt
+    from megatron_inpo.engine.batches import model_limits
     from megatron_inpo.engine.config import batch_pad_multiple
     from megatron_inpo.engine.metrics import StageProgress
     from megatron_inpo.engine.policy import init_runtime, load_frozen_policy
@@ -216,10 +217,14 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
     out = Path(cfg.output)
     if out.exists():
         return {"output": str(out), "skipped": True}
-    pairs = read_preferences(cfg.data)
-    for path in (cfg.ref_checkpoint, cfg.last_checkpoint):
-        if path:
-            ckpt.read_meta(path)  # a wrong path fails before any process group exists
+    # A wrong checkpoint path, then bad data, fail here, before any process group exists. Token ids must be within
+    # every model's vocabulary and each sequence within its positions (the stage config has no max_seq_len: the
+    # models' max_position_embeddings is the bound).
+    limits = [model_limits(ckpt.read_meta(path)) for path in (cfg.ref_checkpoint, cfg.last_checkpoint) if path]
+    vocabs = [v for v, _ in limits if v is not None]
+    positions = [n for _, n in limits if n is not None]
+    pairs = read_preferences(cfg.data, vocab_size=min(vocabs) if vocabs else None,
+                             max_len=min(positions) if positions else None, max_len_name="max_position_embeddings")
     runtime = init_runtime(cfg.megatron, cfg.seed)
     cfg.megatron.validate_runtime(runtime.world_size, runtime.cuda)
     roles = [("ref", cfg.ref_checkpoint)] + ([] if cfg.same_models() else [("last", cfg.last_checkpoint)])

@@ -42,21 +42,23 @@ from megatron_inpo.faults import hold_if_requested
 
 
 def load_items(cfg: TrainStageConfig) -> list:
-    """The stage's SFT items or preference pairs, checked against max_seq_len and one global batch."""
+    """The stage's SFT items or preference pairs, checked line by line (file:line and field in every error):
+    token ids within the init checkpoint's vocabulary, lengths within max_seq_len, log-probs finite, ids unique;
+    then that there is at least one global batch. Runs before any process group exists."""
     from megatron_inpo.data.preferences import DataError, read_preferences
-    from megatron_inpo.engine.batches import item_length, read_sft
+    from megatron_inpo.engine import checkpoint as ckpt
+    from megatron_inpo.engine.batches import model_limits, read_sft
 
     t = cfg.train
+    try:
+        vocab_size = model_limits(ckpt.read_meta(cfg.init_checkpoint))[0]
+    except ckpt.CheckpointError:
+        vocab_size = None  # train() reports the checkpoint itself right after the data checks
     if cfg.loss == "sft":
-        items = read_sft(cfg.data)
+        items = read_sft(cfg.data, vocab_size=vocab_size, max_len=t.max_seq_len, max_len_name="train.max_seq_len")
     else:
-        items = read_preferences(cfg.data, require_logps=True)
-        if cfg.objective.name == "sppo" and any(p.chosen_winrate is None or p.rejected_winrate is None
-                                                for p in items):
-            raise DataError(f"{cfg.data}: objective sppo needs chosen_winrate and rejected_winrate on every pair")
-    for k, it in enumerate(items):
-        if item_length(it) > t.max_seq_len:
-            raise DataError(f"{cfg.data}: item {k + 1} has {item_length(it)} tokens > max_seq_len={t.max_seq_len}")
+        items = read_preferences(cfg.data, require_logps=True, require_winrates=cfg.objective.name == "sppo",
+                                 vocab_size=vocab_size, max_len=t.max_seq_len, max_len_name="train.max_seq_len")
     if len(items) < t.global_batch_size:
         raise DataError(f"{cfg.data}: {len(items)} items, fewer than one global batch ({t.global_batch_size})")
     return items

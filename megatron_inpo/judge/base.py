@@ -134,6 +134,11 @@ class JudgeConfig:
     """SGLang: first retry delay (doubles each retry)."""
     backoff_max_s: float = 30.0
     """SGLang: cap on one retry delay."""
+    api_key: str = ""
+    """SGLang: the key of servers started with --api-key, sent as `Authorization: Bearer <key>`; empty: none.
+    Give it as `env:VAR` to read it from the environment variable VAR when the client starts: the key itself
+    then never lands in config.yaml, the manifest or a command line (launch/slurm_inpo.sbatch passes a random
+    per-job key this way). A literal key works too but is saved in config.yaml with the rest of the config."""
     concurrency: int = 16
     """SGLang: requests in flight."""
 

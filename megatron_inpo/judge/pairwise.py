@@ -72,6 +72,45 @@ class LocalPairwiseBackend:
         return out
 
 
+LOGPROB_TOLERANCE = 1e-4
+"""A log-probability may exceed 0 by rounding only."""
+
+
+def parse_token_logprobs(item: Any, token_ids: list[int]) -> list[float]:
+    """The next-token log-probs of `token_ids` in one /generate result asked with token_ids_logprob: the first
+    row of meta_info.output_token_ids_logprobs, entries [logprob, token_id, text] (SGLang's LogprobEntry). The
+    row must hold exactly the asked ids, each once, with a finite float log-probability <= 0; ValueError /
+    TypeError / KeyError say what is wrong otherwise (the pool retries the request)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"a result is {type(item).__name__}, not a JSON object")
+    meta = item["meta_info"]
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta_info is {type(meta).__name__}, not a JSON object")
+    rows = meta["output_token_ids_logprobs"]
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], list):
+        raise ValueError(f"output_token_ids_logprobs is {rows!r:.200}, not a list of rows")
+    table: dict[int, float] = {}
+    for e in rows[0]:
+        if not isinstance(e, list) or len(e) < 2:
+            raise ValueError(f"output_token_ids_logprobs entry {e!r:.100} is not [logprob, token_id, text]")
+        lp, tid = e[0], e[1]
+        if not isinstance(tid, int) or isinstance(tid, bool):
+            raise TypeError(f"output_token_ids_logprobs token id {tid!r} is not an int")
+        if not isinstance(lp, (int, float)) or isinstance(lp, bool) or not math.isfinite(lp) \
+                or lp > LOGPROB_TOLERANCE:
+            raise ValueError(f"output_token_ids_logprobs: log-prob {lp!r} of token {tid} is not a finite float "
+                             "<= 0")
+        if tid not in token_ids:
+            raise ValueError(f"output_token_ids_logprobs holds token {tid}, not asked for (asked {token_ids})")
+        if tid in table:
+            raise ValueError(f"output_token_ids_logprobs holds token {tid} twice")
+        table[tid] = min(float(lp), 0.0)
+    missing = [t for t in token_ids if t not in table]
+    if missing:
+        raise ValueError(f"output_token_ids_logprobs lacks token(s) {missing} (asked {token_ids})")
+    return [table[t] for t in token_ids]
+
+
 class SGLangPairwiseBackend:
     """Next-token log-probs from SGLang: /generate with max_new_tokens=1 and token_ids_logprob=[A, B]."""
 
@@ -85,17 +124,20 @@ class SGLangPairwiseBackend:
                      "return_logprob": True, "logprob_start_len": -1, "token_ids_logprob": list(token_ids)}
                     for c in chunks]
 
-        def parse(item: dict) -> list[float]:
-            first = item["meta_info"]["output_token_ids_logprobs"][0]  # entries (logprob, token_id, text)
-            table = {int(e[1]): float(e[0]) for e in first}
-            return [table[t] for t in token_ids]
+        def parse(item: Any) -> list[float]:
+            return parse_token_logprobs(item, token_ids)
 
         def validate(reply: Any, k: int) -> None:
             items = reply if isinstance(reply, list) else [reply]
             if len(items) != len(chunks[k]):
                 raise ValueError(f"{len(items)} results for {len(chunks[k])} judge inputs")
-            for it in items:
-                parse(it)
+            for j, it in enumerate(items):
+                try:
+                    parse(it)
+                except KeyError as e:
+                    raise ValueError(f"result {j}: missing {e}") from None
+                except (ValueError, TypeError, IndexError) as e:
+                    raise type(e)(f"result {j}: {e}") from None
 
         out: list[list[float]] = []
         for reply in self.pool.map("/generate", payloads, validate):
@@ -131,7 +173,7 @@ class PairwiseJudge(Judge):
         else:
             from megatron_inpo.serving.pool import SGLangPool
 
-            backend = SGLangPairwiseBackend(SGLangPool.from_config(cfg), cfg.batch_size)
+            backend = SGLangPairwiseBackend(SGLangPool.from_config(cfg, "judge.api_key"), cfg.batch_size)
             name = f"pairwise-pm-sglang:{cfg.model_path}"
         return cls(backend, tok, cfg, name=name)
 

@@ -1,6 +1,7 @@
 """Bradley-Terry reward models: in-process (transformers *ForSequenceClassification) or SGLang /classify."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -56,6 +57,20 @@ class LocalRewardJudge(_RMJudge):
         return out
 
 
+def parse_reward(item: Any) -> float:
+    """The reward in one /classify result: `embedding`, a list whose first element is a finite number (the
+    num_labels=1 head's score); TypeError / ValueError / KeyError say what is wrong (the pool retries)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"a result is {type(item).__name__}, not a JSON object")
+    emb = item["embedding"]
+    if not isinstance(emb, list) or not emb:
+        raise ValueError(f"embedding is {emb!r:.100}, not a non-empty list")
+    r = emb[0]
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r):
+        raise ValueError(f"embedding[0] = {r!r:.100} is not a finite number")
+    return float(r)
+
+
 class SGLangRewardJudge(_RMJudge):
     """Reward from an SGLang --is-embedding server: POST /classify, reward = embedding[0]."""
 
@@ -74,12 +89,17 @@ class SGLangRewardJudge(_RMJudge):
             got = reply if isinstance(reply, list) else [reply]
             if len(got) != len(chunks[k]):
                 raise ValueError(f"{len(got)} rewards for {len(chunks[k])} inputs")
-            for g in got:
-                float(g["embedding"][0])
+            for j, g in enumerate(got):
+                try:
+                    parse_reward(g)
+                except KeyError as e:
+                    raise ValueError(f"result {j}: missing {e}") from None
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"result {j}: {e}") from None
 
         out: list[float] = []
         for reply in self.pool.map("/classify", [{"input_ids": c} for c in chunks], validate):
-            out += [float(g["embedding"][0]) for g in (reply if isinstance(reply, list) else [reply])]
+            out += [parse_reward(g) for g in (reply if isinstance(reply, list) else [reply])]
         return out
 
 
@@ -95,5 +115,5 @@ def make_reward_judge(cfg: JudgeConfig) -> RewardJudge:
                                 name=f"bt-rm:{cfg.model_path}")
     from megatron_inpo.serving.pool import SGLangPool
 
-    return SGLangRewardJudge(SGLangPool.from_config(cfg), tok, cfg.batch_size, cfg.max_length,
+    return SGLangRewardJudge(SGLangPool.from_config(cfg, "judge.api_key"), tok, cfg.batch_size, cfg.max_length,
                              name=f"bt-rm-sglang:{cfg.model_path}")

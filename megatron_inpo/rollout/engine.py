@@ -98,6 +98,11 @@ class RolloutConfig:
     """SGLang: first retry delay; doubles after each failure (exponential back-off)."""
     backoff_max_s: float = 30.0
     """SGLang: cap on a single retry delay."""
+    api_key: str = ""
+    """SGLang: the key of servers started with --api-key, sent as `Authorization: Bearer <key>`; empty: none.
+    Give it as `env:VAR` to read it from the environment variable VAR when the client starts: the key itself
+    then never lands in config.yaml, the manifest or a command line (launch/slurm_inpo.sbatch passes a random
+    per-job key this way). A literal key works too but is saved in config.yaml with the rest of the config."""
     device: str = "cpu"
     """Local engine: torch device ('cpu', 'cuda', 'cuda:1')."""
     dtype: str = "float32"
@@ -233,23 +238,81 @@ class RolloutEngine(abc.ABC):
     def close(self) -> None:
         """Release models / connections."""
 
-    def tokenize(self, prompts: Sequence["PromptRecord"]) -> list[list[int]]:
+    def vocab_size(self) -> int | None:
+        """Token ids a prompt may use: the tokenizer's vocabulary (None without a tokenizer: not checked here)."""
+        return len(self.tokenizer) if self.tokenizer is not None else None
+
+    def max_positions(self) -> int | None:
+        """The model's context length (prompt + response tokens), when the engine knows it (the local engine: the
+        model's max_position_embeddings); None here. A tokenizer's model_max_length is not used for this hard
+        check: it is often stale or a placeholder, and an SGLang server answers an over-long request itself."""
+        return None
+
+    def max_prompt_chars(self) -> int | None:
+        """Characters a prompt's text may have before it is even tokenized (None: no bound).
+
+        No token of a byte-level BPE or SentencePiece vocabulary covers more input characters than its own string
+        has (a byte-level symbol is one byte, and a character is at least one byte; added special tokens are in
+        the vocabulary too), and neither drops characters, so a text longer than (longest vocabulary entry) x
+        (positions) characters has more tokens than the model has positions and is refused at once: tokenizing a
+        10 MB line took minutes and gigabytes only to fail. The floor of 16 characters per token keeps the bound
+        generous for vocabularies of short entries whose normalizers may drop characters (word-level tokenizers).
+        Positions: max_positions(), else the tokenizer's model_max_length (good enough for this coarse bound).
+        """
+        positions = self.max_positions()
+        if positions is None:
+            n = getattr(self.tokenizer, "model_max_length", None)
+            positions = n if type(n) is int and 0 < n < 10**8 else None  # 1e30: transformers' "no limit"
+        if positions is None:
+            return None
+        longest = getattr(self, "_longest_token_chars", None)
+        if longest is None:
+            try:
+                vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+                longest = max(map(len, vocab), default=0)
+            except Exception:  # noqa: BLE001 - a tokenizer without a listable vocabulary: fall back to the floor
+                longest = 0
+            self._longest_token_chars = longest
+        return max(longest, 16) * positions
+
+    def tokenize(self, prompts: Sequence["PromptRecord"], max_new_tokens: int = 0) -> list[list[int]]:
+        """Token ids of each prompt: its own prompt_ids or its text tokenized (chat template when configured).
+
+        Checked first, naming the prompt's file:line (DataError): given ids within the tokenizer's vocabulary; a
+        text no longer than max_prompt_chars (before tokenizing); the prompt's tokens plus `max_new_tokens` within
+        the model's positions (SGLang refuses such a request; the local engine would run past its positions).
+        """
+        from megatron_inpo.data.preferences import DataError, check_token_ids
+
+        vocab, positions, max_chars = self.vocab_size(), self.max_positions(), self.max_prompt_chars()
         out = []
         for p in prompts:
+            where = getattr(p, "where", None) or f"prompt {p.id!r}"
             if p.prompt_ids is not None:
-                out.append(list(p.prompt_ids))
-                continue
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {p.id!r} has no prompt_ids and the engine has no tokenizer "
-                                 "(set rollout.tokenizer_path)")
-            out.append(encode_prompt(self.tokenizer, p.prompt, self.cfg.chat_template))
+                ids = list(check_token_ids(list(p.prompt_ids), where, "prompt_ids", vocab, empty="no token ids"))
+            else:
+                if self.tokenizer is None:
+                    raise DataError(f"{where}: no field 'prompt_ids', and the engine has no tokenizer for 'prompt' "
+                                    "(set rollout.tokenizer_path)")
+                if max_chars is not None and len(p.prompt) > max_chars:
+                    raise DataError(f"{where}: field 'prompt' has {len(p.prompt)} characters, more than the "
+                                    f"model's positions can hold as tokens (limit {max_chars} characters); refused "
+                                    "before tokenizing")
+                ids = encode_prompt(self.tokenizer, p.prompt, self.cfg.chat_template)
+                if not ids:
+                    raise DataError(f"{where}: field 'prompt' gives no tokens")
+            if positions is not None and len(ids) + max_new_tokens > positions:
+                field_name = "prompt_ids" if p.prompt_ids is not None else "prompt"
+                raise DataError(f"{where}: field {field_name!r} has {len(ids)} tokens; with max_new_tokens="
+                                f"{max_new_tokens} that is more than the model's {positions} positions")
+            out.append(ids)
         return out
 
     def rollout(self, prompts: Sequence["PromptRecord"], iteration: int = 1,
                 sampling: SamplingConfig | None = None) -> list[Rollout]:
         """Tokenize, derive per-(prompt, sample) seeds and generate K completions per prompt."""
         sampling = sampling or self.cfg.sampling
-        ids = self.tokenize(prompts)
+        ids = self.tokenize(prompts, sampling.max_new_tokens)
         seeds = None
         if sampling.seed is not None:
             seeds = [[prompt_seed(sampling.seed, iteration, p.id, j) for j in range(sampling.n)] for p in prompts]

@@ -110,6 +110,18 @@ class LocalEngine(RolloutEngine):
     def close(self) -> None:
         self.model = None
 
+    def vocab_size(self) -> int | None:
+        """Prompt token ids must index both the tokenizer and the model's embedding (an id past the embedding is
+        an IndexError deep in the forward)."""
+        sizes = [n for n in (super().vocab_size(), getattr(self.model.config, "vocab_size", None))
+                 if type(n) is int and n > 0]
+        return min(sizes) if sizes else None
+
+    def max_positions(self) -> int | None:
+        """The model's max_position_embeddings (its tokenizer's model_max_length is only advice)."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return n if type(n) is int and n > 0 else super().max_positions()
+
     def _stop_ids(self, sampling: SamplingConfig) -> set[int]:
         stop = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:

@@ -10,6 +10,14 @@ Two ways through the same per-batch pieces (generate a batch, judge a batch and 
 Every append is one write + fsync; prompts whose pair was dropped (the tournament's final check) are recorded in
 `<out>.dropped.jsonl`. A re-run skips every prompt found in either file, so a crash never duplicates or loses a
 pair; a torn last line is repaired first. A pairs file of another iteration is refused.
+
+`claim_output` (the `megatron-inpo rollout` command's resume check) refuses to append to an output made by a
+config of another identity (other sampling, model, judge, pair selection or iteration: see
+driver/manifest.identity), listing the differing fields. The identity is recorded next to the output in
+`<out>.identity.json` ({"format_version", "sha256", "fields"}: the identity's dotted fields and their digest), so
+the check still works, with the fields listed, when `<out>.config.yaml` (the whole config, for people) is
+deleted; an output made before the sidecar existed is compared with its config.yaml, and one with records but
+neither file is refused (nothing says what made it). The driver's own stages are covered by its manifest.
 """
 from __future__ import annotations
 
@@ -48,6 +56,72 @@ def _check_same_iteration(path: Path, iteration: int) -> None:
         if isinstance(obj, dict) and obj.get("iteration", iteration) != iteration:
             raise DataError(f"{path}:{lineno}: pair of iteration {obj.get('iteration')}, but this run is iteration "
                             f"{iteration}; write each iteration to its own file")
+
+
+IDENTITY_FORMAT = 1
+
+
+def identity_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".identity.json")
+
+
+def config_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".config.yaml")
+
+
+def _has_records(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[str]) -> None:
+    """Check that `out_path` (and its .dropped.jsonl) may be resumed by `cfg`, then record cfg next to it
+    (`<out>.config.yaml` and `<out>.identity.json`). An output with records made by a config whose identity
+    (`cfg` less the `mutable` fields) differs is refused with a ConfigError listing the fields."""
+    import yaml
+
+    from megatron_inpo.config import ConfigError, save_yaml, to_dict
+    from megatron_inpo.driver.manifest import config_diff, different_config, identity, identity_digest
+    from megatron_inpo.files import atomic_write_json
+
+    out_path = Path(out_path)
+    fields, digest = identity(cfg, mutable), identity_digest(cfg, mutable)
+    side, saved = identity_path(out_path), config_path(out_path)
+    advice = "resume it with the same config, or write to another --out"
+    if _has_records(out_path) or _has_records(dropped_path(out_path)):
+        if side.exists():
+            try:
+                rec = json.loads(side.read_text(encoding="utf-8"))
+                old_fields, old_digest = rec["fields"], rec["sha256"]
+                if not isinstance(old_fields, dict) or rec.get("format_version") != IDENTITY_FORMAT:
+                    raise TypeError("fields")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{side}: unreadable record of the config that made {out_path} "
+                                  f"({type(e).__name__}); restore it or write to another --out") from None
+            diff = config_diff(old_fields, fields, mutable)
+            if diff:
+                raise different_config(str(out_path), str(side), diff, advice)
+            if old_digest != digest:
+                raise ConfigError(f"{side}: its sha256 does not match its fields (edited?); restore it or write to "
+                                  "another --out")
+        elif saved.exists():  # an output from before the identity sidecar
+            try:
+                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{saved}: not a readable YAML config ({type(e).__name__})") from None
+            diff = config_diff(old if isinstance(old, dict) else {}, to_dict(cfg), mutable)
+            if diff:
+                raise different_config(str(out_path), str(saved), diff, advice)
+        else:
+            raise ConfigError(f"{out_path} holds records, but neither {side.name} nor {saved.name} next to it says "
+                              "which config made them, so they cannot be resumed safely; write to another --out "
+                              "(or move the file away)")
+    save_yaml(cfg, saved)
+    atomic_write_json(side, {"format_version": IDENTITY_FORMAT, "sha256": digest, "fields": fields})
 
 
 # ---------------------------------------------------------------------------------------------------------------

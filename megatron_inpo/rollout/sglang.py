@@ -16,16 +16,90 @@ def _as_list(reply: Any) -> list:
     return reply if isinstance(reply, list) else [reply]
 
 
-def parse_completion(item: dict) -> Completion:
-    meta = item["meta_info"]
-    fr = meta.get("finish_reason") or {}
-    reason = fr.get("type", "length") if isinstance(fr, dict) else str(fr)
-    if reason == "abort":  # e.g. aborted by a weight update: the response is cut short, so ask again
-        raise ValueError(f"request aborted by the server: {fr.get('message', '') if isinstance(fr, dict) else ''}")
-    ids = item["output_ids"]
-    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-        raise ValueError("output_ids is not a list of ints")
-    return Completion(text=item.get("text", ""), token_ids=list(ids), finish_reason=reason)
+FINISH_TYPES = ("stop", "length", "abort")
+"""SGLang 0.5.23's finish reasons (api/v1/api_types.py FinishStop / FinishLength / FinishAbort, tagged by `type`)."""
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def check_token_ids(ids: Any, what: str, vocab_size: int | None = None) -> list[int]:
+    """`ids` as a list of token ids: ints (not bools), >= 0 and, when vocab_size is known, < vocab_size.
+    ValueError / TypeError naming `what`, the position and the value otherwise."""
+    if not isinstance(ids, list):
+        raise TypeError(f"{what} is {_type_name(ids)}, not a list of token ids")
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise TypeError(f"{what}[{i}] = {t!r} is {_type_name(t)}, not an int token id")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"{what}[{i}] = {t} is not a token id {bound}"
+                             + (" of the vocabulary" if vocab_size is not None else ""))
+    return ids
+
+
+def parse_completion(item: Any, vocab_size: int | None = None, max_new_tokens: int | None = None) -> Completion:
+    """One /generate result, checked: a JSON object with `output_ids` (token ids within [0, vocab_size) when the
+    vocabulary size is known, else non-negative ints; at most max_new_tokens of them when given), `text` a string,
+    `meta_info` an object whose `finish_reason` is null, one of FINISH_TYPES or {"type": one of them, ...}.
+    A wrong reply raises ValueError / TypeError (the pool retries it as a failed attempt); an aborted completion
+    too (e.g. aborted by a weight update: the response is cut short, so ask again)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"a completion is {_type_name(item)}, not a JSON object")
+    meta = item.get("meta_info")
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta_info is {_type_name(meta)}, not a JSON object")
+    fr = meta.get("finish_reason")
+    if fr is None:
+        reason = "length"
+    elif isinstance(fr, dict):
+        reason = fr.get("type")
+        if reason not in FINISH_TYPES:
+            raise ValueError(f"finish_reason.type = {reason!r} is not one of {list(FINISH_TYPES)}")
+    elif isinstance(fr, str) and fr in FINISH_TYPES:
+        reason = fr
+    else:
+        raise ValueError(f"finish_reason = {fr!r} is not null, one of {list(FINISH_TYPES)} or an object with "
+                         "their `type`")
+    if reason == "abort":
+        msg = fr.get("message", "") if isinstance(fr, dict) else ""
+        raise ValueError(f"request aborted by the server: {msg}")
+    if "output_ids" not in item:
+        raise KeyError("output_ids")
+    ids = check_token_ids(item["output_ids"], "output_ids", vocab_size)
+    if max_new_tokens is not None and len(ids) > max_new_tokens:
+        raise ValueError(f"output_ids has {len(ids)} tokens, more than max_new_tokens={max_new_tokens}")
+    text = item.get("text", "")
+    if not isinstance(text, str):
+        raise TypeError(f"text is {_type_name(text)}, not a string")
+    return Completion(text=text, token_ids=list(ids), finish_reason=reason)
+
+
+def tokenizer_vocab_size(tokenizer: Any, model_path: str = "") -> int | None:
+    """The number of token ids a policy may produce: the larger of the tokenizer's size (len, added tokens
+    included) and the model's config.json `vocab_size` (an embedding padded beyond the tokenizer, as Qwen's, can
+    emit those ids); None when neither is known."""
+    sizes = []
+    if tokenizer is not None:
+        try:
+            sizes.append(int(len(tokenizer)))
+        except (TypeError, ValueError):
+            v = getattr(tokenizer, "vocab_size", None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                sizes.append(v)
+    if model_path:
+        import json
+        from pathlib import Path
+
+        try:
+            v = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            v = None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            sizes.append(v)
+    sizes = [x for x in sizes if x > 0]
+    return max(sizes) if sizes else None
 
 
 class SGLangEngine(RolloutEngine):
@@ -40,10 +114,13 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, cfg: RolloutConfig, tokenizer: Any = None, pool: SGLangPool | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.pool = pool or SGLangPool.from_config(cfg)
+        self.pool = pool or SGLangPool.from_config(cfg, "rollout.api_key")
         self.meter = Throughput("rollout[sglang]")
         self.nondeterministic: list[str] | None = None
         """Servers that ignore sampling_seed (checked at the first seeded rollout); None until checked."""
+        self.output_vocab_size: int | None = tokenizer_vocab_size(tokenizer, cfg.model_path)
+        """Every output id must be below it (the tokenizer's size or the model's vocab_size, whichever is larger);
+        None (no tokenizer, no config.json): ids are only checked to be non-negative ints."""
 
     def check_deterministic(self) -> list[str]:
         """URLs of the servers started without --enable-deterministic-inference, warned about once.
@@ -94,13 +171,18 @@ class SGLangEngine(RolloutEngine):
             want = len(chunks[k][1]) * sampling.n
             if len(items) != want:
                 raise ValueError(f"{len(items)} completions for {want} requested")
-            for it in items:
-                parse_completion(it)
+            for j, it in enumerate(items):
+                try:
+                    parse_completion(it, self.output_vocab_size, sampling.max_new_tokens)
+                except KeyError as e:
+                    raise ValueError(f"completion {j}: missing {e}") from None
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"completion {j}: {e}") from None
 
         replies = self.pool.map("/generate", payloads, validate)
         out: list[list[Completion]] = []
         for reply in replies:
-            items = [parse_completion(it) for it in _as_list(reply)]
+            items = [parse_completion(it, self.output_vocab_size, sampling.max_new_tokens) for it in _as_list(reply)]
             out += [items[j:j + sampling.n] for j in range(0, len(items), sampling.n)]
         return out
 

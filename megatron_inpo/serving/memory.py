@@ -59,21 +59,32 @@ class ServerMemoryRecord:
         atomic_write_json(self.path, {"format_version": FORMAT_VERSION, "servers": self.servers})
 
 
-def memory_servers(rollout: Any, judges: Iterable[Any]) -> dict[str, list[str]]:
+class MemoryServers(dict):
+    """{server URL: memory tags}, with `api_keys` {server URL: the api_key setting of the config naming it (a key,
+    env:VAR or "")}: servers started with --api-key refuse the release / resume (and /server_info) without it."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.api_keys: dict[str, str] = {}
+
+
+def memory_servers(rollout: Any, judges: Iterable[Any]) -> MemoryServers:
     """{server URL: memory tags} of a run: weights + KV cache of the policy servers (`rollout`, a RolloutConfig),
     the KV cache only of the judge servers (JudgeConfigs or None; their weights never change). A server listed
-    twice gets the union, released once."""
-    out: dict[str, list[str]] = {}
+    twice gets the union, released once. Its `api_keys` holds each server's client api_key."""
+    out = MemoryServers()
     groups = []
     if rollout.backend == "sglang":
-        groups.append((rollout.server_urls, ["weights", "kv_cache"]))
+        groups.append((rollout.server_urls, ["weights", "kv_cache"], getattr(rollout, "api_key", "")))
     for jc in judges:
         if jc is not None and jc.kind != "programmatic" and jc.backend == "sglang":
-            groups.append((jc.server_urls, ["kv_cache"]))
-    for urls, tags in groups:
+            groups.append((jc.server_urls, ["kv_cache"], getattr(jc, "api_key", "")))
+    for urls, tags, key in groups:
         for u in urls:
             have = out.setdefault(u.rstrip("/"), [])
             have += [t for t in tags if t not in have]
+            if key and not out.api_keys.get(u.rstrip("/")):
+                out.api_keys[u.rstrip("/")] = key
     return out
 
 
@@ -83,14 +94,18 @@ class ServerMemory:
     `fault` is the stage's fault hook (megatron_inpo.faults.StageFault): its points `<action>:sending`,
     `<action>:sent` and `<action>:recorded` let the tests kill the driver there. With enabled=False (the saver
     switched off on resumption) release does nothing and resume gives back only memory this run released.
+    `api_keys` ({URL: key or env:VAR}; default: `servers.api_keys` when memory_servers made it) authenticates
+    the calls to servers started with --api-key.
     """
 
     def __init__(self, run_dir: str | Path, servers: dict[str, list[str]],
-                 fault: Callable[[str], None] = no_fault, enabled: bool = True) -> None:
+                 fault: Callable[[str], None] = no_fault, enabled: bool = True,
+                 api_keys: dict[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.servers = servers
         self.fault = fault
         self.enabled = enabled
+        self.api_keys = dict(getattr(servers, "api_keys", {}) if api_keys is None else api_keys)
 
     def release(self) -> None:
         """Before a Megatron stage: each server frees its memory (once, whatever happened to an earlier driver)."""
@@ -123,7 +138,8 @@ class ServerMemory:
         record = ServerMemoryRecord(self.run_dir)
         target, in_flight = MEMORY_STABLE[action], MEMORY_IN_FLIGHT[action]
         other = MEMORY_STABLE["resume" if action == "release" else "release"]
-        pool = SGLangPool(list(self.servers), timeout_s=600.0, max_retries=0, backoff_s=0.25, backoff_max_s=1.0)
+        pool = SGLangPool(list(self.servers), timeout_s=600.0, max_retries=0, backoff_s=0.25, backoff_max_s=1.0,
+                          api_key=self.api_keys)
         for i, (url, tags) in enumerate(self.servers.items()):
             started = server_startup_time(pool, i, url)
             rec = record.get(url)

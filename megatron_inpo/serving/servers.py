@@ -49,6 +49,11 @@ class ServerLaunchConfig:
     """Serve a reward model (sequence classification) for /classify."""
     gpus: list[int] = field(default_factory=list)
     """GPU ids to use, tp per server in order; empty means 0 .. num_servers*tp - 1."""
+    api_key: str = ""
+    """Start every server with --api-key: SGLang then refuses (HTTP 401) every call but /health without
+    `Authorization: Bearer <key>` (srt/utils/auth.py); clients set rollout.api_key / judge.api_key to the same.
+    `env:VAR` reads it from the environment (serving.pool.resolve_api_key); empty: no key. The key is on the
+    server's command line (SGLang reads it only there), and is written as "<redacted>" into the state file."""
     extra_args: list[str] = field(default_factory=list)
     """More sglang.launch_server arguments (e.g. --enable-memory-saver, --dtype bfloat16)."""
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"])
@@ -71,6 +76,20 @@ class ServerLaunchConfig:
             raise ConfigError(f"servers.gpus: {len(self.gpus)} GPUs for {self.num_servers} servers x TP {self.tp}")
         if not (0 < self.base_port and self.base_port + self.num_servers <= 65536):
             raise ConfigError(f"servers.base_port: invalid {self.base_port}")
+
+
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """argv with the value of --api-key (and --admin-api-key) replaced by REDACTED, for state files and logs."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a in ("--api-key", "--admin-api-key") and i + 1 < len(out):
+            out[i + 1] = REDACTED
+        elif a.startswith(("--api-key=", "--admin-api-key=")):
+            out[i] = a.split("=", 1)[0] + "=" + REDACTED
+    return out
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -96,9 +115,10 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
     If a server exits or never becomes healthy, every server started here is stopped and the error names the
     server and the tail of its log.
     """
-    from megatron_inpo.serving.pool import SGLangPool
+    from megatron_inpo.serving.pool import SGLangPool, resolve_api_key
 
     cfg.validate()
+    api_key = resolve_api_key(cfg.api_key, "servers.api_key")
     if not cfg.deterministic:
         log.warning("SGLang servers start without --enable-deterministic-inference: they ignore sampling_seed, so "
                     "seeded rollouts will not be reproducible")
@@ -120,13 +140,15 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
             argv += ["--is-embedding"]
         if cfg.deterministic:
             argv += ["--enable-deterministic-inference"]
+        if api_key:
+            argv += ["--api-key", api_key]
         argv += cfg.extra_args
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus[i * cfg.tp:(i + 1) * cfg.tp]))
         logf = log_dir / f"server_{port}.log"
         with open(logf, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         servers.append({"pid": proc.pid, "url": f"http://{cfg.host}:{port}", "port": port, "log": str(logf),
-                        "argv": argv, "gpus": env["CUDA_VISIBLE_DEVICES"], "_proc": proc})
+                        "argv": redact_argv(argv), "gpus": env["CUDA_VISIBLE_DEVICES"], "_proc": proc})
         log.info("started SGLang server pid %d on %s (GPUs %s), log %s", proc.pid, servers[-1]["url"],
                  env["CUDA_VISIBLE_DEVICES"], logf)
     _write_state(state_file, servers)
@@ -167,7 +189,9 @@ def _cmdline(pid: int) -> list[str] | None:
 
 def _same_program(cmdline: list[str], argv: list[str]) -> bool:
     """Whether a live process still runs the recorded argv; a script started by its #! line shows the
-    interpreter in front of it (['/bin/sh', script, ...] for argv [script, ...])."""
+    interpreter in front of it (['/bin/sh', script, ...] for argv [script, ...]). The recorded argv has its API
+    key redacted (redact_argv), so the live one is compared redacted too."""
+    cmdline, argv = redact_argv(cmdline), redact_argv(argv)
     return cmdline == argv or (len(cmdline) > len(argv) and cmdline[-len(argv):] == argv)
 
 

@@ -77,7 +77,7 @@ def test_export_bf16_loads_in_transformers_and_verify(hf_dirs, tmp_path):
 def _expect_error(capsys, argv, *needles):
     from megatron_inpo.cli.convert import main
 
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     for n in needles:
         assert n in err, err

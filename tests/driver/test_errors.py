@@ -1,5 +1,6 @@
 """Bad input fails before any stage runs, with a message naming the field or file."""
 import json
+import os
 import socket
 
 from tests.helpers.driver import run_cli, tiny_overrides
@@ -145,3 +146,49 @@ def test_server_memory_release_and_resume(tmp_path):
     assert memory_calls == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
                             ("/resume_memory_occupation", {"tags": ["weights", "kv_cache"]})]
     assert srv.fatal is None and srv.released == set() and not srv.refused
+
+
+def test_read_only_run_dir_and_full_disk_are_one_line(tmp_path, monkeypatch, capsys):
+    """`run` on a directory it cannot write (EROFS; root ignores chmod, so it is injected) or a full disk: one
+    line on stderr, exit 2, no traceback."""
+    import errno
+    import tempfile
+
+    from megatron_inpo.cli.run import main
+
+    for code, needle in ((errno.EROFS, "read-only file system: "), (errno.ENOSPC, "no space left on device: "),
+                         (errno.EACCES, "permission denied: ")):
+        def refuse(*a, dir=None, code=code, **k):
+            raise OSError(code, os.strerror(code), str(dir))
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        assert main(["--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("megatron-inpo run:")]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith("megatron-inpo run: error: " + needle) and str(tmp_path / "run") in lines[0]
+
+
+def test_ctrl_c_in_a_run_exits_130_and_the_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.helpers.driver import PY, REPO
+
+    run = tmp_path / "run"
+    args = [PY, "-m", "megatron_inpo", "run", "--recipe", "tiny_cpu", "--no-progress",
+            *tiny_overrides(run, iterations=1)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    env.pop("MEGATRON_INPO_FAULT", None)
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "iter1/rollout ..." in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "megatron-inpo run: interrupted; rerun the same command to resume"
+    assert "Traceback" not in err
+    r = run_cli(args[3:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sft ..." not in r.stdout and "win rate vs pi_ref" in r.stdout

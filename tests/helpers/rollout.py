@@ -8,7 +8,11 @@ drifted from the server fails loudly. It is stateful where the server is: /flush
 requests run or wait, a weight update waits for running requests (SGLang's model-update writer lock), memory
 release / resume keep per-tag state and a resume of an unreleased tag (or a second release, or a release while
 busy, or generation on released memory) kills the server (`fatal`: every later request finds it dead).
-Faults can be injected per path: slow replies, malformed JSON, HTTP 500/503, dropped connections, short lists.
+Faults can be injected per path: slow replies, malformed JSON, HTTP 500/503, HTTP 429 with Retry-After (what
+sglang-router answers when overloaded), dropped connections, short lists, and wrong-typed / out-of-range replies
+(CORRUPTIONS), for the next `count` requests or at a rate. With api_key set the fake checks `Authorization` exactly
+as SGLang's --api-key does (the wheel's own srt/utils/auth.py decide_request_auth, with each route's auth level read
+from srt/entrypoints/http_server.py): 401 without the right key, /health always open.
 """
 from __future__ import annotations
 
@@ -198,6 +202,122 @@ def require_sglang_contract() -> SGLangContract:
     return c
 
 
+class SGLangAuth:
+    """SGLang's --api-key check, from the wheel: `decide_request_auth` of srt/utils/auth.py (stdlib only, loaded by
+    file path) and the auth level of each route, read with `ast` from the `@auth_level(AuthLevel.X)` decorators of
+    srt/entrypoints/http_server.py (routes without one are NORMAL, as the middleware resolves them). Where the
+    wheel is absent, `decide` follows the same rules for the one configuration the launchers use (api_key only):
+    /health, /ready, /metrics open, everything else needs `Authorization: Bearer <api_key>`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        root = SGLANG_TEST_DEPS if root is None else root
+        auth = root / "sglang" / "srt" / "utils" / "auth.py"
+        http = root / "sglang" / "srt" / "entrypoints" / "http_server.py"
+        self.mod = _load_file_module("_sglang_srt_utils_auth", auth) if auth.exists() else None
+        self.levels: dict[str, str] = {}
+        if http.exists():
+            for node in ast.walk(ast.parse(http.read_text(encoding="utf-8"))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                paths, level = [], None
+                for d in node.decorator_list:
+                    if not isinstance(d, ast.Call):
+                        continue
+                    f = d.func
+                    if isinstance(f, ast.Attribute) and f.attr in ("get", "post", "put", "delete", "api_route") \
+                            and d.args and isinstance(d.args[0], ast.Constant) and isinstance(d.args[0].value, str):
+                        paths.append(d.args[0].value)
+                    if isinstance(f, ast.Name) and f.id == "auth_level" and d.args \
+                            and isinstance(d.args[0], ast.Attribute):
+                        level = d.args[0].attr  # AuthLevel.ADMIN_OPTIONAL -> "ADMIN_OPTIONAL"
+                for pth in paths:
+                    self.levels[pth] = level or "NORMAL"
+
+    @property
+    def from_wheel(self) -> bool:
+        return self.mod is not None and bool(self.levels)
+
+    def decide(self, method: str, path: str, authorization: str | None, api_key: str | None,
+               admin_api_key: str | None = None) -> int:
+        """200 when the request may pass, else the status the middleware answers (401 / 403)."""
+        if self.mod is not None:
+            level = getattr(self.mod.AuthLevel, self.levels.get(path, "NORMAL"))
+            d = self.mod.decide_request_auth(method=method, path=path, authorization_header=authorization,
+                                             api_key=api_key, admin_api_key=admin_api_key, auth_level=level)
+            return 200 if d.allowed else d.error_status_code
+        if method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics")) or not api_key:
+            return 200
+        parts = (authorization or "").split(" ", 1)
+        ok = len(parts) == 2 and parts[0].lower() == "bearer" and parts[1] == api_key
+        return 200 if ok else 401
+
+
+_AUTH: SGLangAuth | None = None
+
+
+def sglang_auth() -> SGLangAuth:
+    global _AUTH
+    if _AUTH is None:
+        _AUTH = SGLangAuth()
+    return _AUTH
+
+
+def _first(payload: Any) -> Any:
+    return payload[0] if isinstance(payload, list) and payload else payload
+
+
+def _set_meta(key: str, value: Any) -> Callable[[Any, "FakeSGLang"], None]:
+    def f(payload: Any, srv: "FakeSGLang") -> None:
+        _first(payload)["meta_info"][key] = value
+    return f
+
+
+def _set_item(key: str, value: Any) -> Callable[[Any, "FakeSGLang"], None]:
+    def f(payload: Any, srv: "FakeSGLang") -> None:
+        _first(payload)[key] = value(srv) if callable(value) else value
+    return f
+
+
+def _set_logprob(index: int, value: Any) -> Callable[[Any, "FakeSGLang"], None]:
+    def f(payload: Any, srv: "FakeSGLang") -> None:
+        _first(payload)["meta_info"]["output_token_ids_logprobs"][0][0][index] = value
+    return f
+
+
+CORRUPTIONS: dict[str, Callable[[Any, "FakeSGLang"], None]] = {
+    # /generate (rollout)
+    "ids_out_of_range": _set_item("output_ids", [-7, 10 ** 12]),
+    "ids_negative": _set_item("output_ids", [5, -7]),
+    "ids_vocab": _set_item("output_ids", lambda srv: [5, srv.vocab]),  # one past the last id
+    "ids_str": _set_item("output_ids", ["5", "6"]),
+    "ids_bool": _set_item("output_ids", [True, False]),
+    "ids_float": _set_item("output_ids", [5.0, 6.5]),
+    "ids_not_list": _set_item("output_ids", 5),
+    "text_int": _set_item("text", 12345),
+    "meta_not_dict": _set_item("meta_info", ["finish_reason"]),
+    "finish_unknown": _set_meta("finish_reason", {"type": "exploded"}),
+    "finish_int": _set_meta("finish_reason", 3),
+    "item_not_dict": lambda payload, srv: payload.__setitem__(0, "oops") if isinstance(payload, list) else None,
+    # /generate with token_ids_logprob (pairwise judge)
+    "logprob_nan": _set_logprob(0, float("nan")),
+    "logprob_inf": _set_logprob(0, float("-inf")),
+    "logprob_str": _set_logprob(0, "-0.5"),
+    "logprob_positive": _set_logprob(0, 3.0),
+    "logprob_token": _set_logprob(1, 10 ** 6),
+    # /classify (reward model)
+    "reward_nan": _set_item("embedding", [float("nan")]),
+    "reward_str": _set_item("embedding", ["1.5"]),
+    "reward_empty": _set_item("embedding", []),
+    "reward_not_list": _set_item("embedding", 1.5),
+}
+"""Wrong-typed / out-of-range replies, applied to the first result of a reply (after the fake checked that the
+reply it built is valid): what a broken server, proxy or a version mismatch could send; the client must treat each
+as a failed attempt. json.dumps writes NaN / Infinity, which Python's json.loads accepts, as a sloppy server would."""
+CORRUPT_GENERATE = [k for k in CORRUPTIONS if not k.startswith(("logprob", "reward"))]
+CORRUPT_LOGPROB = [k for k in CORRUPTIONS if k.startswith("logprob")]
+CORRUPT_REWARD = [k for k in CORRUPTIONS if k.startswith("reward")]
+
+
 SPECIALS = ["<pad>", "<s>", "</s>"]
 CHARS = list(string.ascii_letters + string.digits + string.punctuation + " \n")
 PAD, BOS, EOS = 0, 1, 2
@@ -273,8 +393,10 @@ class FakeSGLang:
                  reward: Callable[[list[int]], float] | None = None, contract: SGLangContract | None | bool = True,
                  context_len: int = 4096, eos_id: int | None = None,
                  decode: Callable[[list[int]], str] | None = None, memory_saver: bool = True,
-                 deterministic: bool = True) -> None:
+                 deterministic: bool = True, api_key: str | None = None) -> None:
         self.is_embedding = is_embedding
+        self.api_key = api_key or None  # --api-key: checked as SGLang's middleware does (SGLangAuth)
+        self.auth = sglang_auth() if self.api_key else None
         self.memory_saver = memory_saver  # --enable-memory-saver
         self.deterministic = deterministic  # --enable-deterministic-inference: without it sampling_seed is ignored
         self.vocab = vocab
@@ -293,6 +415,9 @@ class FakeSGLang:
         self.refused: list[tuple[str, int, str]] = []
         """(path, status, error) of every request answered with a 4xx by the server's own checks."""
         self.faults: dict[str, list[tuple[str, float]]] = {}
+        self.fault_rates: dict[str, tuple[float, list[str], float, random.Random]] = {}
+        self.injected: list[tuple[str, str]] = []
+        """(path, kind) of every fault served, in order."""
         self.inflight = 0
         self.max_inflight = 0
         self.lock = threading.Lock()
@@ -336,14 +461,40 @@ class FakeSGLang:
 
     def inject(self, path: str, kind: str, count: int = 1, delay: float = 0.0) -> None:
         """Next `count` requests to `path` get fault `kind`: slow, malformed, http400 (refused, no effect), http500,
-        http503, drop, short, abort (the first completion of a list reply is marked aborted)."""
+        http503, http429 (overloaded; for both, `delay` > 0 adds `Retry-After: delay`), drop, short, abort (the first
+        completion of a list reply is marked aborted), or a key of CORRUPTIONS (a wrong-typed / out-of-range
+        reply; the request itself is carried out)."""
+        if kind not in CORRUPTIONS and kind not in ("slow", "malformed", "http400", "http500", "http503", "http429",
+                                                    "drop", "short", "abort"):
+            raise ValueError(f"unknown fault {kind!r}")
         with self.lock:
             self.faults.setdefault(path, []).extend([(kind, delay)] * count)
+
+    def inject_rate(self, path: str, kinds: str | list[str], rate: float, delay: float = 0.0, seed: int = 0) -> None:
+        """Each request to `path` (after any counted faults) gets, with probability `rate`, a fault drawn from
+        `kinds` (as in inject), from a seeded generator; rate 0 stops."""
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        for k in kinds:
+            if k not in CORRUPTIONS and not k.startswith("http") and k not in ("malformed", "drop", "short",
+                                                                                "abort", "slow"):
+                raise ValueError(f"unknown fault {k!r}")
+        with self.lock:
+            if rate <= 0:
+                self.fault_rates.pop(path, None)
+            else:
+                self.fault_rates[path] = (rate, kinds, delay, random.Random(seed))
 
     def _take_fault(self, path: str) -> tuple[str, float] | None:
         with self.lock:
             q = self.faults.get(path)
-            return q.pop(0) if q else None
+            fault = q.pop(0) if q else None
+            if fault is None and path in self.fault_rates:
+                rate, kinds, delay, rng = self.fault_rates[path]
+                if rng.random() < rate:
+                    fault = (rng.choice(kinds), delay)
+            if fault is not None:
+                self.injected.append((path, fault[0]))
+            return fault
 
     def _die(self, reason: str) -> None:
         with self.lock:
@@ -614,6 +765,14 @@ class FakeSGLang:
                     server.requests.append((path, body))
                     if server.fatal is not None:  # a dead server answers nothing
                         return self._drop()
+                if server.auth is not None:  # SGLang's api-key middleware runs before any route
+                    code = server.auth.decide(self.command, path, self.headers.get("Authorization"),
+                                              server.api_key)
+                    if code != 200:
+                        with server.lock:
+                            server.refused.append((path, code, "Unauthorized" if code == 401 else "Forbidden"))
+                        return self._send(code, {"error": "Unauthorized" if code == 401 else "Forbidden"})
+                with server.idle:
                     if work:  # new requests wait behind a weight update's model-update lock, then count as busy
                         server.idle.wait_for(lambda: not server.updating, timeout=60)
                         server.busy += 1
@@ -632,10 +791,16 @@ class FakeSGLang:
                 fault = server._take_fault(path)
                 if fault and fault[0] == "slow":
                     time.sleep(fault[1])
+                    fault = None
                 if fault and fault[0] == "drop":
                     return self._drop()
                 if fault and fault[0] in ("http400", "http500", "http503"):
-                    return self._send(int(fault[0][4:]), b"")
+                    retry = {"Retry-After": f"{fault[1]:g}"} if fault[0] == "http503" and fault[1] > 0 else {}
+                    return self._send(int(fault[0][4:]), b"", retry)
+                if fault and fault[0] == "http429":  # sglang-router's answer when its queue is full
+                    headers = {"Retry-After": f"{fault[1]:g}"} if fault[1] > 0 else {}
+                    return self._send(429, {"error": {"message": "Too many requests", "type": "rate_limit_error"}},
+                                      headers)
                 if fault and fault[0] == "malformed":
                     return self._send(200, b'{"text": "trunc')
                 status, payload = server.handle(path, {} if body is None else body)
@@ -645,11 +810,15 @@ class FakeSGLang:
                     payload = payload[:-1]
                 if fault and fault[0] == "abort" and isinstance(payload, list):
                     payload[0]["meta_info"]["finish_reason"] = {"type": "abort", "message": "weights updated"}
+                if fault and fault[0] in CORRUPTIONS and status == 200 and not isinstance(payload, bytes):
+                    CORRUPTIONS[fault[0]](payload, server)
                 self._send(status, payload)
 
-            def _send(self, status: int, payload: Any) -> None:
+            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -701,8 +870,9 @@ if __name__ == "__main__":  # stand-in for `python -m sglang.launch_server` in t
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--model-path", default="/models/fake")
     ap.add_argument("--is-embedding", action="store_true")
+    ap.add_argument("--api-key", default=None)
     args, _ = ap.parse_known_args()
-    srv = FakeSGLang(is_embedding=args.is_embedding, model_path=args.model_path)
+    srv = FakeSGLang(is_embedding=args.is_embedding, model_path=args.model_path, api_key=args.api_key)
     srv.httpd.server_close()
     srv.httpd = ThreadingHTTPServer((args.host, args.port), srv._handler())
     srv.httpd.serve_forever()

@@ -111,7 +111,8 @@ def test_failover_to_a_live_server_loses_nothing():
         assert ids(rs) == ids(sg_engine([srv.url]).rollout(PROMPTS))
 
 
-@pytest.mark.parametrize("fault", ["malformed", "http503", "http500", "drop", "short", "abort"])
+@pytest.mark.parametrize("fault", ["malformed", "http503", "http500", "http429", "drop", "short", "abort",
+                                   "ids_out_of_range", "text_int"])
 def test_transient_faults_are_retried(fault, caplog):
     with FakeSGLang() as srv:
         reference = ids(sg_engine([srv.url]).rollout(PROMPTS))

@@ -160,9 +160,13 @@ def test_torchrun_script_starts_planned_deterministic_servers(tmp_path):
     # two policy servers on GPUs 0, 1 and the judge on GPU 0 of a 79 GiB GPU: the plan's fractions
     assert frac == ["0.373", "0.873", "0.607"]
     assert all("--enable-deterministic-inference" in a and "--enable-memory-saver" in a for a in argv)
+    # one random API key per launch for every server; the driver gets it through the environment only
+    keys = {a[a.index("--api-key") + 1] for a in argv}
+    assert len(keys) == 1 and len(keys.pop()) == 64
     assert argv[2][argv[2].index("--model-path") + 1] == env["PM_MODEL"]
     args = (tmp_path / "driver_args.txt").read_text().split("\n")
     assert "--iterations=1" in args and "--server_memory_saver=true" in args
+    assert "--rollout.api_key=env:INPO_SGLANG_API_KEY" in args and "--judge.api_key=env:INPO_SGLANG_API_KEY" in args
     urls = [a for a in args if a.startswith("--rollout.server_urls=")][0]
     assert urls == f"--rollout.server_urls=[http://127.0.0.1:{env['POLICY_PORT']},http://127.0.0.1:" \
                    f"{int(env['POLICY_PORT']) + 1}]"
@@ -185,3 +189,35 @@ def test_torchrun_script_stops_before_servers_when_memory_does_not_fit(tmp_path)
     assert out.returncode == 2
     assert "judge 0 (GPUs 0)" in out.stderr and "below its minimum" in out.stderr
     assert "started SGLang server" not in out.stderr and not (tmp_path / "driver_args.txt").exists()
+
+
+def test_sbatch_servers_get_a_random_key_per_job(tmp_path):
+    """launch/slurm_inpo.sbatch's server branch on one "node", with stand-ins for srun (runs the step's command
+    here) and scontrol: every server gets the same random --api-key, the driver gets it only through the
+    environment (env:INPO_SGLANG_API_KEY, so config.yaml holds no key), and a second job gets another key."""
+    env = _script_env(tmp_path, POLICY_TP="8", SLURM_JOB_NODELIST="node0", SLURM_NNODES="1", SLURM_JOB_ID="7",
+                      LAUNCH_DIR=str(REPO / "launch"))
+    bin_dir = tmp_path / "bin"
+    for name, body in (("srun", 'while [ $# -gt 0 ]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; esac; '
+                                'done\nexec "$@"'),
+                       ("scontrol", "echo 127.0.0.1"),
+                       ("megatron-inpo", f"printf '%s\\n' \"$@\" > {tmp_path / 'driver_args.txt'}\n"
+                                         f"printf '%s' \"$INPO_SGLANG_API_KEY\" >> {tmp_path / 'driver_keys.txt'}\n"
+                                         f"echo >> {tmp_path / 'driver_keys.txt'}")):
+        f = bin_dir / name
+        f.write_text(f"#!/bin/sh\n{body}\n")
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    for job in range(2):
+        env.update(POLICY_PORT=str(free_port_pair()), JUDGE_PORT=str(free_port_pair()), SLURM_JOB_ID=str(7 + job))
+        out = subprocess.run(["bash", str(REPO / "launch/slurm_inpo.sbatch"), "--iterations=1"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+    argv = [line.split() for line in (tmp_path / "server_argv.txt").read_text().splitlines()]
+    keys = [a[a.index("--api-key") + 1] for a in argv]
+    driver_keys = (tmp_path / "driver_keys.txt").read_text().split()
+    assert len(argv) == 4 and keys == [driver_keys[0]] * 2 + [driver_keys[1]] * 2  # policy, judge; per job
+    assert driver_keys[0] != driver_keys[1] and all(len(k) == 64 for k in driver_keys)
+    args = (tmp_path / "driver_args.txt").read_text()
+    assert "--rollout.api_key=env:INPO_SGLANG_API_KEY" in args and "--judge.api_key=env:INPO_SGLANG_API_KEY" in args
+    assert driver_keys[1] not in args
+    assert not any(k in p.read_text() for p in (tmp_path / "run").glob("*.json") for k in driver_keys)
