@@ -9,7 +9,8 @@ Memory bound: one shard of one tensor (the largest: one TP rank's rows of the pa
 linear_fc1 / linear_qkv) plus the header tables; nothing else is resident. The result loads at any TP / PP with
 dist_checkpointing (resharding), e.g. through engine.checkpoint.load_checkpoint.
 
-Output (the project's checkpoint convention): the dist-checkpoint files, `megatron_inpo.json`, `tokenizer/`.
+Output (the project's checkpoint convention): the dist-checkpoint files, `megatron_inpo.json` (with the files'
+sha256 digests), `tokenizer/`.
 Written atomically (temp dir next to the target, renamed at the end).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from megatron_inpo.convert.safetensors_io import INDEX_FILE, SINGLE_FILE, Safete
 from megatron_inpo.engine import mapping as M
 from megatron_inpo.engine.checkpoint import FORMAT_VERSION, META_FILE
 from megatron_inpo.engine.model import LlamaArch, padded_vocab
+from megatron_inpo.engine.trust import FILES_KEY, file_digests
 
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -245,6 +247,8 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
                 "tokenizer_dir": "tokenizer" if tok_files else None, "dtype": str(out_dtype).replace("torch.", ""),
                 "generation_config": json.loads(gen.read_text()) if gen.exists() else None,
                 "source": str(hf_dir)}
+        # per-file sha256 (engine/trust.py): one extra read pass over the files just written
+        meta[FILES_KEY] = file_digests(tmp)
         atomic_write_json(tmp / META_FILE, meta)
     bar.close()
     summary = {"bytes": lazy.nbytes, "seconds": time.perf_counter() - t0, "padded_vocab_size": vp,

@@ -59,18 +59,22 @@ class CheckpointReader:
     that layer (any TP / PP layout that wrote them) and assembles them. No process group is needed.
     """
 
-    def __init__(self, mcore_dir: Path, layers: int):
-        from megatron.core import dist_checkpointing
-        from torch.distributed.checkpoint import FileSystemReader
+    def __init__(self, mcore_dir: Path, layers: int, verify_digests: Optional[bool] = None):
+        from megatron_inpo.engine import trust
 
         self.dir = Path(mcore_dir)
         self.layers = layers
-        if not dist_checkpointing.check_is_distributed_checkpoint(str(self.dir)):
+        if not (self.dir / "metadata.json").is_file():
             raise ConvertError(f"{self.dir}: not a dist-checkpoint (no metadata.json)")
+        # Before any byte is unpickled: the recorded file digests (one extra read pass; MEGATRON_INPO_NO_VERIFY=1 or
+        # verify_digests=False skips it) and the no-code-on-load checks (engine/trust.py), whose restricted
+        # unpickler also gives the metadata read here.
         try:
-            md = FileSystemReader(str(self.dir)).read_metadata()
-        except Exception as e:
-            raise ConvertError(f"{self.dir}: cannot read the dist-checkpoint metadata ({e})") from None
+            if trust.verify_enabled(verify_digests):
+                trust.verify_digests(self.dir, read_meta(self.dir))
+            md = trust.check_loadable(self.dir)
+        except trust.TrustError as e:
+            raise ConvertError(str(e)) from None
         self.meta = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
         self.storage = md.storage_data
 
@@ -142,9 +146,10 @@ def _shard_name(i: int, n: int) -> str:
 
 
 def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="5GB", overwrite: bool = False,
-                        progress: bool = True, verify: bool = False) -> dict:
+                        progress: bool = True, verify: bool = False, verify_digests: Optional[bool] = None) -> dict:
     """Convert; returns {"bytes", "seconds", "shards", "tensors", "verify_max_abs_err"}. dtype: bf16 | fp16 |
-    fp32 | keep (the checkpoint's dtype)."""
+    fp32 | keep (the checkpoint's dtype). verify_digests: check the checkpoint's recorded file digests first
+    (None: unless MEGATRON_INPO_NO_VERIFY=1)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -159,7 +164,7 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
     hf_config = dict(meta["hf_config"])
     arch = arch_for(hf_config, mcore_dir / META_FILE)
     vp = int(meta["padded_vocab_size"])
-    reader = CheckpointReader(mcore_dir, arch.num_layers)
+    reader = CheckpointReader(mcore_dir, arch.num_layers, verify_digests=verify_digests)
     H = arch.hidden_size
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
 

@@ -10,7 +10,8 @@ Layout (the project's checkpoint convention, shared with the converter):
             "rng"        per (pp, tp) rank: python / numpy / torch / cuda / Megatron tracker states
             "data"       data position (step, epoch, data file digest) (common)
         megatron_inpo.json         {"format_version": 1, "hf_config", "padded_vocab_size", "tp", "pp", "layer_spec",
-                                    "step", "tokenizer_dir", "optimizer_format"} -- written last, before the rename
+                                    "step", "tokenizer_dir", "optimizer_format",
+                                    "files": {relative_name: sha256}} -- written last, before the rename
         tokenizer/                 copy of the tokenizer files, when known
 
 Atomicity: every rank writes into `<root>/.step_00000012.tmp-<nonce>`; after all ranks finished, rank 0 writes
@@ -20,6 +21,11 @@ megatron_inpo.json and renames the directory to its final name. Discovery (`late
 Loading into a different TP / PP is dist_checkpointing's resharding: the model and the non-distributed optimizer
 reshard; the distributed optimizer's state loads at the TP / PP that saved it (any DP), and a different layout is a
 clear error; the RNG states only load into the layout that saved them (a warning otherwise).
+
+Integrity and trust (engine/trust.py): "files" holds the sha256 of every file but megatron_inpo.json and tokenizer/;
+a load checks them (MEGATRON_INPO_NO_VERIFY=1 or verify_digests=False skips) and, always, reads every pickle
+dist_checkpointing would unpickle without running code first (`.metadata` through an allow-list, `common.pt` and the
+byte entries with weights_only=True), refusing the checkpoint with a CheckpointError naming the file otherwise.
 """
 from __future__ import annotations
 
@@ -287,8 +293,12 @@ def save_to(
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             full_meta["tokenizer_dir"] = "tokenizer"
+        from megatron_inpo.engine.trust import FILES_KEY, file_digests
         from megatron_inpo.files import _fsync_dir, atomic_write_json
 
+        # one extra read pass over the files just written (hashing runs at about the speed of the disk); the
+        # digests cannot be computed while dist_checkpointing writes, since it writes the files itself
+        full_meta[FILES_KEY] = file_digests(tmp)
         atomic_write_json(tmp / META_FILE, full_meta)
         if final.exists():  # a re-save of the same step (e.g. resumed just after it): replace
             shutil.rmtree(final)
@@ -296,6 +306,37 @@ def save_to(
         _fsync_dir(root)
     dist.barrier()
     return final
+
+
+def check_checkpoint(path: str | os.PathLike, meta: dict, verify_digests: bool | None = None) -> bool:
+    """Before dist_checkpointing reads `path`: its file digests (unless disabled; see engine/trust.py) and no pickle
+    that could run code. Returns True when the digests verified; CheckpointError naming the file otherwise."""
+    from megatron_inpo.engine import trust
+
+    try:
+        verified = trust.verify_digests(path, meta) if trust.verify_enabled(verify_digests) else False
+        trust.check_loadable(path)
+    except trust.TrustError as e:
+        raise CheckpointError(str(e)) from None
+    return verified
+
+
+def _checked_on_rank0(path: Path, meta: dict, verify_digests: bool | None) -> bool:
+    """check_checkpoint on rank 0 (one read pass, not one per rank), its outcome broadcast to every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return check_checkpoint(path, meta, verify_digests)
+    outcome = ""
+    if dist.get_rank() == 0:
+        try:
+            outcome = "verified" if check_checkpoint(path, meta, verify_digests) else "unverified"
+        except CheckpointError as e:
+            outcome = "error:" + str(e)
+    outcome = _broadcast_str(outcome)
+    if outcome.startswith("error:"):
+        raise CheckpointError(outcome[len("error:"):])
+    return outcome == "verified"
 
 
 def load_checkpoint(
@@ -306,11 +347,14 @@ def load_checkpoint(
     load_rng: bool = True,
     strict: bool = True,
     optimizer_state: bool = True,
+    verify_digests: bool | None = None,
 ) -> dict:
     """Load `path` into the (already built, any TP/PP) model and, when given, optimizer / scheduler / RNG.
 
     `optimizer_state=False` with an optimizer: load the weights only (an init checkpoint, e.g. a converter output
     or the SFT result) and then point the optimizer's master weights at them; see `sync_master_weights`.
+    `verify_digests`: check the recorded file digests first (None: unless MEGATRON_INPO_NO_VERIFY=1); the
+    no-code-on-load checks of engine/trust.py always run.
     Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
     """
     from megatron.core import dist_checkpointing
@@ -320,6 +364,7 @@ def load_checkpoint(
 
     path = Path(path)
     meta = read_meta(path)
+    digests_verified = _checked_on_rank0(path, meta, verify_digests)
     model_sd = _model_sharded(model_chunks)
     request: dict[str, Any] = {"model": model_sd}
     same_layout = (meta["tp"], meta["pp"]) == (
@@ -343,8 +388,14 @@ def load_checkpoint(
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     # Our own checkpoints hold TE's FP8 scaling state (delayed recipe) as a pickle, which recent TE loads only when
-    # told to; they are written by this code, so they are trusted.
-    os.environ.setdefault("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")
+    # told to: allowed only for a checkpoint whose files match the digests this code recorded at save (the flag is
+    # restored after the load, so a later unverified load in this process does not inherit it).
+    nvte_flag = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+    nvte_before = os.environ.get(nvte_flag)
+    if digests_verified:
+        os.environ[nvte_flag] = "1"
+    else:  # also when set in the environment: an unverified checkpoint's extra state is not unpickled
+        os.environ.pop(nvte_flag, None)
     try:
         # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
         # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
@@ -359,6 +410,11 @@ def load_checkpoint(
         if not is_checkpoint_exception(e):
             raise
         raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
+    finally:
+        if nvte_before is None:
+            os.environ.pop(nvte_flag, None)
+        else:
+            os.environ[nvte_flag] = nvte_before
     absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if absent:
         raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. {absent[:6]} "
