@@ -239,8 +239,10 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, policy):
 
 @pytest.mark.megatron
 def test_missing_or_truncated_shard_is_named(tmp_path):
-    """torch's CheckpointException (a BaseException) from a missing or truncated .distcp: engine/checkpoint.py
-    turns it into a CheckpointError naming the directory; the command prints one line and exits 2."""
+    """A missing or truncated .distcp: the digest check (engine/trust.py) names the shard before anything loads;
+    with the check skipped (MEGATRON_INPO_NO_VERIFY=1), torch's CheckpointException (a BaseException) is what
+    reports it, and engine/checkpoint.py turns it into a CheckpointError naming the directory. Either way the
+    command prints one line and exits 2."""
     import shutil
 
     from tests.helpers.engine import PORTS, convert_to_mcore, make_pairs, tiny_hf_model, write_pairs
@@ -257,12 +259,20 @@ def test_missing_or_truncated_shard_is_named(tmp_path):
             shard.unlink()
         else:
             shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(next(PORTS)), "PYTHONWARNINGS": "ignore"}
-        r = subprocess.run([sys.executable, "-m", "megatron_inpo", "logprobs", "--data", str(data), "--output",
-                            str(tmp_path / f"{case}.logp.jsonl"), "--ref-checkpoint", str(bad)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == EXIT_BAD_INPUT, r.stderr[-3000:]
-        line = _one_error_line(r.stderr, "megatron-inpo logprobs")
-        assert f"error: {bad}: cannot load (rank 0: " in line
-        assert ("FileNotFoundError" in line and shard.name in line) if case == "missing" else "EOFError" in line
-        assert not (tmp_path / f"{case}.logp.jsonl").exists()
+        for verify in (True, False):
+            env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(next(PORTS)), "PYTHONWARNINGS": "ignore"}
+            if not verify:
+                env["MEGATRON_INPO_NO_VERIFY"] = "1"
+            r = subprocess.run([sys.executable, "-m", "megatron_inpo", "logprobs", "--data", str(data), "--output",
+                                str(tmp_path / f"{case}.logp.jsonl"), "--ref-checkpoint", str(bad)],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == EXIT_BAD_INPUT, r.stderr[-3000:]
+            line = _one_error_line(r.stderr, "megatron-inpo logprobs")
+            if verify:
+                want = "missing checkpoint file" if case == "missing" else "sha256 differs"
+                assert f"error: {shard}: {want}" in line, line
+            elif case == "missing":  # the .metadata check (always on) finds no file for its storage entries
+                assert f"error: {bad / '.metadata'}: refused: " in line and f"names '{shard.name}'" in line, line
+            else:
+                assert f"error: {bad}: cannot load (rank 0: " in line and "EOFError" in line, line
+            assert not (tmp_path / f"{case}.logp.jsonl").exists()
