@@ -234,9 +234,10 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
     computed: dict[str, int] = {}
     for role, path in roles:
         model, built = load_frozen_policy(path, cfg.megatron, runtime)
-        key = store_key(Path(cfg.data), role, path, lc.micro_batch_size, lc.chunk_pairs)
-        # Only rank 0 touches the progress files; compute_role_logps broadcasts what is done.
-        store = ProgressStore(pdir / role, key) if runtime.rank == 0 else None
+        # Only rank 0 touches (and keys, hashing the input file) the progress files; compute_role_logps broadcasts
+        # what is done.
+        store = (ProgressStore(pdir / role, store_key(Path(cfg.data), role, path, lc.micro_batch_size, lc.chunk_pairs))
+                 if runtime.rank == 0 else None)
         progress = StageProgress(f"logprobs[{role}]", len(pairs), 0, "pair", bar=cfg.progress,
                                  path=cfg.progress_file, enabled=runtime.rank == 0)
         values[role], computed[role] = compute_role_logps(

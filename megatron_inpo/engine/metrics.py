@@ -158,7 +158,8 @@ class StageProgress:
         from megatron_inpo.files import atomic_write_json
 
         atomic_write_json(self.path, {"stage": self.stage, "done": self.done, "total": self.total, "unit": self.unit,
-                                      "time": time.time(), **{k: float(v) for k, v in postfix.items()}}, indent=None)
+                                      "time": time.time(), **{k: float(v) for k, v in postfix.items()}}, indent=None,
+                          durable=False)  # rewritten every step; an fsync per step would stall fast GPU steps
 
     def close(self) -> None:
         if self.bar is not None:
