@@ -161,6 +161,8 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict:
         raise ConfigError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: invalid UTF-8 (byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping at the top level")
     return data
@@ -175,7 +177,12 @@ def _deep_merge(base: dict, new: dict) -> dict:
 
 def merge_yaml(cfg: Any, path: str | os.PathLike) -> Any:
     """`cfg` with the fields of a YAML file laid on top (nested sections merged); unknown keys name the file."""
-    return from_dict(type(cfg), _deep_merge(to_dict(cfg), read_yaml_mapping(path)), where=str(path), template=cfg)
+    try:
+        return from_dict(type(cfg), _deep_merge(to_dict(cfg), read_yaml_mapping(path)), template=cfg)
+    except ConfigError as e:
+        if str(e).startswith(f"--config {path}:"):
+            raise
+        raise ConfigError(f"--config {path}: {e}") from None
 
 
 def parse_override_args(tokens: list[str]) -> list[str]:

@@ -127,13 +127,21 @@ def minimise(fn, theta0: torch.Tensor, steps: int = 30) -> torch.Tensor:
         step = torch.linalg.pinv(hess, hermitian=True, rtol=1e-12) @ g
         t = 1.0
         with torch.no_grad():
-            while t > 1e-8 and fn(theta - t * step) > val + 1e-14 * abs(float(val)):
+            while t > 1e-8 and _value(fn, theta - t * step) > val + 1e-14 * abs(float(val)):
                 t *= 0.5
         theta = (theta - t * step).detach()
         theta = theta - theta.mean()
         if float(g.abs().max()) < 1e-13:
             break
     return theta.detach()
+
+
+def _value(fn, theta: torch.Tensor) -> float:
+    """fn(theta), or inf where the loss refuses the point (non-finite log-probs): the line search steps back."""
+    try:
+        return float(fn(theta))
+    except ValueError:
+        return math.inf
 
 
 def inpo_step(p, log_ref, log_last, eta, tau, name="inpo") -> torch.Tensor:
@@ -355,12 +363,22 @@ def verify(seed: int = 0) -> list[CheckResult]:
     }
     for p in games.values():
         check_preference_matrix(p)
-    results = [check_omd_step(games, [(1.0, 1 / 3), (0.5, 0.1), (0.3, 0.0), (0.015, 0.005)], gen)]
-    results.append(check_prop6(games, eta=0.5, tau=0.5 / 3, gen=gen))
+    results = _guarded("omd_step", lambda: [check_omd_step(games, [(1.0, 1 / 3), (0.5, 0.1), (0.3, 0.0),
+                                                                 (0.015, 0.005)], gen)])
+    results += _guarded("prop6", lambda: [check_prop6(games, eta=0.5, tau=0.5 / 3, gen=gen)])
     for gname in ("rps", "ring5_transitive", "random6"):
-        results += check_nash(gname, games[gname], tau=0.2, gen=gen)
-    results += check_cycling(gen)
+        results += _guarded(f"nash[{gname}]", lambda gname=gname: check_nash(gname, games[gname], tau=0.2, gen=gen))
+    results += _guarded("cycling", lambda: check_cycling(gen))
     return results
+
+
+def _guarded(name: str, run) -> list[CheckResult]:
+    """The check's results; a loss that drives the iteration to non-finite log-probs fails the check (a broken
+    loss must be reported as a failed check, not end the verification)."""
+    try:
+        return run()
+    except ValueError as e:
+        return [CheckResult(name, f"did not complete: {e}", math.inf, 0.0, False)]
 
 
 def main(argv: list[str] | None = None) -> int:

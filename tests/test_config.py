@@ -64,7 +64,7 @@ def test_yaml_on_top_and_command_line_overrides(tmp_path):
     cfg = merge_yaml(Outer(inner=Inner(k=1, name="kept")), f)
     assert (cfg.inner.k, cfg.inner.name, cfg.lr) == (3, "kept", 0.25)  # nested sections merge, not replace
     f.write_text("inner:\n  kk: 3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml.inner: unknown field\(s\) \['kk'\]"):
+    with pytest.raises(ConfigError, match=r"c.yaml: inner: unknown field\(s\) \[.kk.\]"):
         merge_yaml(Outer(), f)
     for text, msg in (("- 1\n", "expected a mapping"), ("a: [1\n", "not valid YAML")):
         f.write_text(text)

@@ -60,10 +60,10 @@ def test_inpo_nokl_ignores_reference():
 def test_dpo_ipo_sppo_closed_forms():
     lp = make_logps()
     z = (lp.policy_chosen - lp.policy_rejected) - (lp.ref_chosen - lp.ref_rejected)
-    dpo, _ = per_pair_losses(ObjectiveConfig("dpo", beta=0.1), lp)
+    dpo, _ = per_pair_losses(ObjectiveConfig("dpo", beta=0.1, dpo_anchor="ref"), lp)
     want = torch.tensor([math.log1p(math.exp(-0.1 * v)) for v in z.tolist()], dtype=DT)
     torch.testing.assert_close(dpo, want, rtol=1e-12, atol=1e-12)
-    ipo, _ = per_pair_losses(ObjectiveConfig("ipo", beta=0.1), lp)
+    ipo, _ = per_pair_losses(ObjectiveConfig("ipo", beta=0.1, dpo_anchor="ref"), lp)
     torch.testing.assert_close(ipo, (z - 5.0) ** 2)
     sppo, _ = per_pair_losses(ObjectiveConfig("sppo", beta=0.5), lp)
     rw = lp.policy_chosen - lp.last_chosen

@@ -11,6 +11,19 @@ training code path, engine/step.py run_schedule). Baseline: transformers with to
 own subprocess (clean peak memory); the parent prints one JSON line per implementation and the ratios.
 FLOPs: notes/05 formula (engine/metrics.py), counted on all tokens; MFU against --peak-tflops (default: H100 dense
 bf16 989, or 1979 with --fp8; none on CPU).
+Packed vs padded (`--lengths lognormal|FILE`): the engine alone, in one process, runs the same global batches of
+--pairs pairs with varied lengths three ways: packed (rows of --seq tokens, engine/batches.py plan_step), padded
+(micro-batches of --micro-batch pairs sorted by length, each padded to its own longest: the unpacked path without
+pipeline parallelism) and padded to the step's longest (the unpacked path under pipeline parallelism). It prints,
+per way, real-token tokens/s (padding not counted; from the median step time, and from the fastest step, which a
+shared machine's load disturbs least), step time and pad fraction, then the packed / padded ratios.
+`lognormal`: sequence lengths (prompt + response) lognormal with median --seq/8 (sigma --sigma), prompts
+lognormal with median --seq/32, all within --seq; FILE: JSONL of {"prompt_len", "chosen_len", "rejected_len"}
+(or [prompt_len, chosen_len, rejected_len]) per pair, response lengths in tokens.
+
+    python tools/bench_train.py --lengths lognormal                  # CPU, cpu-small
+    python tools/bench_train.py --preset gpu-1.7b --lengths lognormal
+
 Not the same arithmetic, by design: the baseline is what TRL-style users run, AdamW straight on bf16 weights (bf16
 moments, no master copy: at the paper's lr of 5e-7 most of its updates round away). The engine keeps fp32 master
 weights, fp32 gradients and fp32 moments (Megatron's mixed precision), so it moves more bytes per step and its peak
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,13 +71,12 @@ def synthetic_pairs(a, n: int):
     return out
 
 
-def run_engine(a) -> list[float]:
-    from megatron_inpo.engine.batches import make_pair_batch
-    from megatron_inpo.engine.config import EngineConfig, ModelConfig, OptimizerConfig, batch_pad_multiple
+def build_engine(a):
+    """The Megatron engine of the benchmark (TE + FP8 with --fp8): (engine config, runtime, built policy, DDP
+    model, optimizer, scheduler)."""
+    from megatron_inpo.engine.config import EngineConfig, ModelConfig, OptimizerConfig
     from megatron_inpo.engine.optimizer import build_optimizer
     from megatron_inpo.engine.policy import build_policy, init_runtime, wrap_ddp
-    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
-    from megatron_inpo.objectives import ObjectiveConfig
 
     engine = EngineConfig(model=ModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"))
     rt = init_runtime(engine, seed=0)
@@ -72,6 +85,16 @@ def run_engine(a) -> list[float]:
     model = wrap_ddp(built.model, engine, precision)
     opt, sched = build_optimizer(OptimizerConfig(lr=1e-6, warmup_ratio=0.0, clip_grad=1.0), engine.parallel, model,
                                  precision, total_steps=1000)
+    return engine, rt, built, model, opt, sched
+
+
+def run_engine(a) -> list[float]:
+    from megatron_inpo.engine.batches import make_pair_batch
+    from megatron_inpo.engine.config import batch_pad_multiple
+    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
+    from megatron_inpo.objectives import ObjectiveConfig
+
+    engine, rt, built, model, opt, sched = build_engine(a)
     pairs = synthetic_pairs(a, a.micro_batch)
     # FP8 GEMMs need token rows in multiples of 16, as training pads them
     batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=batch_pad_multiple(1, engine))
@@ -130,6 +153,101 @@ def run_hf(a) -> list[float]:
     return times
 
 
+def length_triples(a) -> list[tuple[int, int, int]]:
+    """(prompt_len, chosen_len, rejected_len) of --pairs pairs: from --lengths FILE, or lognormal (see the module
+    docstring). Every sequence (prompt + response - 1 input tokens) fits in --seq."""
+    import random
+
+    if a.lengths != "lognormal":
+        out = []
+        with open(a.lengths, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                t = [obj[k] for k in ("prompt_len", "chosen_len", "rejected_len")] if isinstance(obj, dict) else obj
+                if len(t) != 3 or any(type(x) is not int or x < 1 for x in t) or t[0] + max(t[1:]) - 1 > a.seq:
+                    raise SystemExit(f"{a.lengths}:{lineno}: expected three positive lengths with prompt + response "
+                                     f"- 1 <= --seq={a.seq}, got {t}")
+                out.append(tuple(t))
+        if not out:
+            raise SystemExit(f"{a.lengths}: no lengths")
+        return [out[i % len(out)] for i in range(a.pairs)]
+    rng = random.Random(0)
+    out = []
+    for _ in range(a.pairs):
+        prompt = min(max(1, round(rng.lognormvariate(math.log(a.seq / 32), 0.5))), a.seq // 4)
+        resp = [min(max(2, round(rng.lognormvariate(math.log(a.seq / 8), a.sigma))), a.seq) - prompt + 1
+                for _ in range(2)]
+        out.append((prompt, max(1, resp[0]), max(1, resp[1])))
+    return out
+
+
+def run_packing(a) -> None:
+    """Packed vs padded on the same pairs, one process (see the module docstring); prints RESULT lines."""
+    import random
+
+    import torch
+
+    from megatron_inpo.data.preferences import PreferencePair
+    from megatron_inpo.engine.batches import plan_step
+    from megatron_inpo.engine.config import batch_pad_multiple
+    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
+    from megatron_inpo.objectives import ObjectiveConfig
+
+    engine, rt, built, model, opt, sched = build_engine(a)
+    rng = random.Random(1)
+    ids = lambda k: [rng.randrange(1, a.vocab) for _ in range(k)]  # noqa: E731
+    pairs = [PreferencePair(prompt_id=str(i), prompt="", prompt_ids=ids(p), chosen="", rejected="",
+                            chosen_ids=ids(c), rejected_ids=ids(r), ref_chosen_logp=-2.0 * c,
+                            ref_rejected_logp=-2.0 * r, last_chosen_logp=-2.0 * c, last_rejected_logp=-2.0 * r)
+             for i, (p, c, r) in enumerate(length_triples(a))]
+    loss = PreferenceLoss(ObjectiveConfig(), built.vocab_size, pairs)
+    pad_multiple = batch_pad_multiple(8, engine)
+    ways = {"packed": dict(packing=True, uniform=False), "padded": dict(packing=False, uniform=False),
+            "padded_step_max": dict(packing=False, uniform=True)}
+    # the same global batches for every way: a step is a slice of --global-batch pairs
+    steps = [list(range(k * a.global_batch, (k + 1) * a.global_batch)) for k in range(a.pairs // a.global_batch)]
+    plans = {w: [plan_step(pairs, idx, micro_batch_size=a.micro_batch, capacity=a.seq, dp_size=1, dp_rank=0,
+                           pad_multiple=pad_multiple, **kw) for idx in steps] for w, kw in ways.items()}
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    n = a.warmup + a.steps
+    for k in range(n):  # the ways interleaved step by step: a shared machine's load drifts
+        for w in ways:
+            batches = plans[w][k % len(steps)]
+            sync(rt.cuda)
+            t = time.perf_counter()
+            model[0].zero_grad_buffer()
+            opt.zero_grad()
+            run_schedule(model, batches, loss, rt.device)
+            opt.step()
+            sched.step(1)
+            sync(rt.cuda)
+            if k >= a.warmup:
+                times[w].append(time.perf_counter() - t)
+    real = sum(sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) - 2 for p in (pairs[i] for i in idx))
+               for idx in steps) / len(steps)
+    rows = {}
+    for w in ways:
+        computed = sum(b.tokens.numel() for plan in plans[w] for b in plan) / len(steps)
+        step_s = statistics.median(times[w])
+        rows[w] = dict(way=w, step_s=round(step_s, 5), real_tokens_per_s=round(real / step_s, 1),
+                       step_s_min=round(min(times[w]), 5), real_tokens_per_s_best=round(real / min(times[w]), 1),
+                       pad_fraction=round(1 - real / computed, 4),
+                       micro_batches=round(sum(len(plan) for plan in plans[w]) / len(steps), 2))
+        print("RESULT " + json.dumps(rows[w]), flush=True)
+    print("RESULT " + json.dumps(dict(
+        way="ratio", real_tokens_per_s_packed_over_padded=round(rows["packed"]["real_tokens_per_s"]
+                                                                / rows["padded"]["real_tokens_per_s"], 3),
+        real_tokens_per_s_packed_over_padded_step_max=round(rows["packed"]["real_tokens_per_s"]
+                                                            / rows["padded_step_max"]["real_tokens_per_s"], 3),
+        best_step_packed_over_padded=round(rows["padded"]["step_s_min"] / rows["packed"]["step_s_min"], 3),
+        real_tokens_per_step=real, device=torch.cuda.get_device_name() if rt.cuda else "cpu")), flush=True)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
 def sync(cuda: bool) -> None:
     if cuda:
         import torch
@@ -142,6 +260,9 @@ def child(a) -> None:
 
     import torch
 
+    if a.impl == "packing":
+        run_packing(a)
+        return
     times = (run_engine if a.impl == "engine" else run_hf)(a)
     step = statistics.median(times[a.warmup:])
     if torch.cuda.is_available():
@@ -176,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="alternate hf / engine runs this often; best of each")
     p.add_argument("--fp8", default="", choices=["", "hybrid", "e4m3"], help="engine with TE FP8 (GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
-    p.add_argument("--impl", choices=["engine", "hf"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lengths", default=None, help="'lognormal' or a JSONL of (prompt_len, chosen_len, "
+                   "rejected_len): packed vs padded engine instead of engine vs transformers")
+    p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the sequence lengths")
+    p.add_argument("--pairs", type=int, default=None, help="pairs in all (--lengths; default 4 global batches)")
+    p.add_argument("--global-batch", type=int, default=16, help="pairs per step (--lengths)")
+    p.add_argument("--impl", choices=["engine", "hf", "packing"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import torch
 
@@ -184,8 +310,27 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in preset.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.pairs is None:
+        a.pairs = 4 * a.global_batch
     if a.impl:
         child(a)
+        return 0
+    if a.lengths:
+        args = [sys.executable, os.path.abspath(__file__), "--impl", "packing"] + [
+            f"--{k.replace('_', '-')}={getattr(a, k)}" for k in list(preset) + [
+                "steps", "warmup", "lengths", "sigma", "pairs", "global_batch"]]
+        if a.fp8:
+            args.append(f"--fp8={a.fp8}")
+        env = {**os.environ, "MASTER_PORT": os.environ.get("MASTER_PORT", "29598")}
+        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+        lines = [x[len("RESULT "):] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"packing bench failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        cfg = {k: getattr(a, k) for k in list(preset) + ["lengths", "sigma", "pairs", "global_batch"]}
+        print(json.dumps({"config": cfg}), flush=True)
+        for line in lines:
+            print(line, flush=True)
         return 0
     results: dict = {}
     # Alternate the implementations and keep each one's fastest repeat: a shared machine's load drifts.

@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify-nash": ("megatron_inpo.nash", "check the INPO objective against the paper's closed forms (float64)"),
     "run": ("megatron_inpo.cli.run", "run INPO iterations: export -> rollout -> judge -> log-probs -> train"),
+    "compare": ("megatron_inpo.cli.compare", "run one recipe per algorithm; Nash meter and win rate side by side"),
     "evaluate": ("megatron_inpo.cli.evaluate", "win rate of one policy against another on held-out prompts"),
     "convert": ("megatron_inpo.cli.convert", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
     "train": ("megatron_inpo.cli.train", "train a policy with Megatron-Core on a preference file"),

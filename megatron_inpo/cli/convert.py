@@ -11,6 +11,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_inpo.cli.loader import add_no_verify
+
     p = argparse.ArgumentParser(prog="megatron-inpo convert",
                                 description="Convert Llama-family checkpoints between Hugging Face and Megatron-Core.")
     sub = p.add_subparsers(dest="direction", required=True)
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="afterwards compare logits of both checkpoints (loads the full model; small models)")
         x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         x.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_no_verify(x)
     return p
 
 
@@ -41,9 +44,10 @@ PROG = "megatron-inpo convert"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_inpo.cli.loader import guard
+    from megatron_inpo.cli.loader import apply_no_verify, guard
 
     args = build_parser().parse_args(argv)
+    apply_no_verify(args)
     # a full disk, a read-only output directory, Ctrl-C, a broken checkpoint: loader.guard's one-line message
     return guard(PROG, lambda: _convert(args))
 

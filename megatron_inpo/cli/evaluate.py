@@ -12,6 +12,7 @@ how responses are judged and what is written to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def _run(rcfg: Any, args: argparse.Namespace) -> int:
     from megatron_inpo.data.prompts import read_prompts
     from megatron_inpo.evaluate import evaluate_pair
     from megatron_inpo.judge.base import JudgeConfig, make_judge
-    from megatron_inpo.rollout.engine import SamplingConfig
+    from megatron_inpo.rollout.engine import SamplingConfig, load_tokenizer, prompt_limits
 
     # bad input, a full disk, Ctrl-C, ...: loader.guard's one-line message (exit 2, 130)
     for flag, path in (("--policy", args.policy), ("--baseline", args.baseline)):
@@ -85,7 +86,14 @@ def _run(rcfg: Any, args: argparse.Namespace) -> int:
     sampling = SamplingConfig(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     sampling.validate()
-    prompts = read_prompts(args.prompts, limit=args.limit or None)
+    read_prompts(args.prompts, limit=args.limit or None)  # malformed lines first, before any tokenizer loads
+    # then against both models' vocabularies and positions, before either model loads
+    limits = {}
+    for path in (args.policy, args.baseline):
+        cfg = dataclasses.replace(rcfg, model_path=path, sampling=sampling)
+        for k, v in prompt_limits(cfg, load_tokenizer(cfg.tokenizer_path or path)).items():
+            limits[k] = v if limits.get(k) is None else (limits[k] if v is None else min(limits[k], v))
+    prompts = read_prompts(args.prompts, limit=args.limit or None, **limits)
     judge = make_judge(jcfg)
     res = evaluate_pair(rcfg, judge, args.policy, args.baseline, prompts, args.samples, sampling, args.out,
                         both_orders=not args.one_order)

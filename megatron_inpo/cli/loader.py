@@ -43,6 +43,7 @@ INPUT_ERRORS = (
     ("megatron_inpo.config", "ConfigError"),
     ("megatron_inpo.data.preferences", "DataError"),
     ("megatron_inpo.engine.checkpoint", "CheckpointError"),
+    ("megatron_inpo.engine.trust", "TrustError"),
     ("megatron_inpo.convert", "ConvertError"),
     ("megatron_inpo.engine.mapping", "MappingError"),
     ("megatron_inpo.engine.parallel", "ParallelError"),
@@ -118,11 +119,27 @@ def build_parser(cmd: Command) -> argparse.ArgumentParser:
                    help="YAML file of config fields, laid on top of the recipe" if cmd.recipes is not None
                    else "YAML file of config fields")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_no_verify(p)
     width = max([len(n) for n, _ in field_docs(cmd.config)] + [28])
     p.epilog = ("overrides: --a.b=value, --a.b value or a.b=value (dotted field names; '-' in a flag reads as "
                 "'_'), applied after --config.\n\nfields:\n" +
                 "\n".join(f"  {name:<{width}}  {text}".rstrip() for name, text in field_docs(cmd.config)))
     return p
+
+
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    """--no-verify, for every command that reads checkpoints or HF exports (applied by `apply_no_verify`)."""
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 checks of checkpoints and HF exports against their digest records "
+                        "(integrity only: the no-code-on-load checks always run); same as MEGATRON_INPO_NO_VERIFY=1")
+
+
+def apply_no_verify(args: argparse.Namespace) -> None:
+    """--no-verify reaches every reader through the environment, so the stage processes a run starts inherit it."""
+    if getattr(args, "no_verify", False):
+        from megatron_inpo.engine.trust import NO_VERIFY_ENV
+
+        os.environ[NO_VERIFY_ENV] = "1"
 
 
 def parse_command_line(cmd: Command, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -285,6 +302,7 @@ def run_command(cmd: Command, argv: list[str] | None, body: Callable[[Any, argpa
         if args.print_config:
             print(config_yaml(cfg), end="")
             return 0
+        apply_no_verify(args)
         return int(body(cfg, args) or 0)
 
     return guard(cmd.prog, protocol)

@@ -109,13 +109,18 @@ def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
     from megatron_inpo.data.prompts import read_prompts
     from megatron_inpo.files import atomic_write_json
     from megatron_inpo.judge.base import make_judge
-    from megatron_inpo.rollout.engine import make_engine
+    from megatron_inpo.rollout.engine import load_tokenizer, make_engine, prompt_limits
     from megatron_inpo.rollout.pipeline import claim_output, generate_preferences
 
     prompts = read_prompts(args.prompts, limit=cfg.limit or None)
     out = Path(args.out)
     claim_output(out, cfg, RESUME_MUTABLE)  # before any model loads: another config's output is refused at once
-    engine = make_engine(cfg.rollout)
+    # so are prompts outside the tokenizer's vocabulary or the model's positions: the tokenizer loads in a second,
+    # the model may take minutes
+    tok_path = cfg.rollout.tokenizer_path or cfg.rollout.model_path
+    tokenizer = load_tokenizer(tok_path) if tok_path else None
+    read_prompts(args.prompts, limit=cfg.limit or None, **prompt_limits(cfg.rollout, tokenizer))
+    engine = make_engine(cfg.rollout, tokenizer=tokenizer)
     judge = make_judge(cfg.judge)
     try:
         if cfg.rollout.backend == "sglang" and cfg.wait_healthy_s > 0:

@@ -37,14 +37,29 @@ _NOT_TOKENIZER = {"config.json", INDEX_FILE, SINGLE_FILE, "generation_config.jso
 _TOKENIZER_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 
 
+def check_export(hf_dir: Path, verify_digests: Optional[bool] = None) -> bool:
+    """An HF directory's digest record (when this project wrote it) checked before any byte is read."""
+    from megatron_inpo.engine import trust
+
+    try:
+        return trust.verify_export(hf_dir, verify_digests)
+    except trust.TrustError as e:
+        raise ConvertError(str(e)) from None
+
+
 def read_hf_config(hf_dir: Path) -> dict:
     p = Path(hf_dir) / "config.json"
     if not p.exists():
         raise ConvertError(f"{p}: missing (not a Hugging Face model directory)")
     try:
-        return json.loads(p.read_text())
+        cfg = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConvertError(f"{p}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{p}: invalid UTF-8 (byte {e.start})") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{p}: expected a JSON object of config fields, got a {type(cfg).__name__}")
+    return cfg
 
 
 def arch_for(hf_config: dict, where: Path, tp: int = 1, pp: int = 1) -> LlamaArch:
@@ -122,11 +137,12 @@ def _lazy_planner_cls():
 
 def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
                         layer_spec: str = "local", make_vocab_size_divisible_by: int = 128, overwrite: bool = False,
-                        progress: bool = True, verify: bool = False) -> dict:
+                        progress: bool = True, verify: bool = False, verify_digests: Optional[bool] = None) -> dict:
     """Convert; returns a summary {"bytes", "seconds", "padded_vocab_size", "tensors", "verify_max_abs_err"}.
 
     dtype: None keeps the HF dtype (bit-exact), else "bf16" / "fp16" / "fp32". layer_spec is recorded in the
-    metadata (the checkpoint keys are the same for the local and the TE spec).
+    metadata (the checkpoint keys are the same for the local and the TE spec). verify_digests: check the digest
+    record of an export of this project first (None: unless MEGATRON_INPO_NO_VERIFY=1; see engine/trust.py).
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -143,6 +159,7 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
         raise ConvertError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     if layer_spec not in ("local", "te"):
         raise ConvertError(f"--layer-spec {layer_spec!r}: expected 'local' or 'te'")
+    check_export(hf_dir, verify_digests)
     hf_config = read_hf_config(hf_dir)
     arch = arch_for(hf_config, hf_dir / "config.json", tp, pp)
     src = SafetensorsSource(hf_dir)

@@ -153,6 +153,7 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from megatron_inpo.engine import trust
     from megatron_inpo.files import atomic_directory, atomic_write_json
 
     t0 = time.perf_counter()
@@ -240,6 +241,8 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
             for p in sorted(tok_dir.iterdir()):
                 if p.is_file():
                     (tmp / p.name).write_bytes(p.read_bytes())
+        # last, over the bytes just written (still in the page cache): what every reader of the export checks
+        trust.record_export_digests(tmp)
     summary = {"bytes": written, "seconds": time.perf_counter() - t0, "shards": n, "tensors": len(weight_map)}
     if verify:
         from megatron_inpo.convert.verify import verify_mcore_against_hf

@@ -46,10 +46,11 @@ def parse_prompt(obj: object, where: str, vocab_size: int | None = None, max_tok
     if ids is not None:
         check_token_ids(ids, where, "prompt_ids", vocab_size, empty="give token ids or leave the field out")
         if max_tokens is not None and len(ids) > max_tokens:
-            raise DataError(f"{where}: field 'prompt_ids' has {len(ids)} tokens > {max_tokens} (the limit)")
+            raise DataError(f"{where}: field 'prompt_ids' has {len(ids)} tokens, more than the {max_tokens} the model's "
+                            "positions leave beside max_new_tokens")
     elif max_chars is not None and len(text) > max_chars:
-        raise DataError(f"{where}: field 'prompt' has {len(text)} characters > {max_chars} (more than the model "
-                        "can take as tokens)")
+        raise DataError(f"{where}: field 'prompt' has {len(text)} characters, more than the model's positions can "
+                        f"hold as tokens (limit {max_chars} characters); refused before tokenizing")
     if not text and ids is None:
         raise DataError(f"{where}: field 'prompt' is empty")
     extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "prompt_ids")}

@@ -8,6 +8,7 @@ YAML files go through megatron_inpo.config.apply_overrides / from_dict. The reso
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_inpo.config import ConfigError
@@ -18,6 +19,7 @@ from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
 from megatron_inpo.task.synthetic import TaskConfig
 
 AUTO = "auto"
+ETA_SCHEDULES = ("constant", "theorem4")
 
 
 @dataclass
@@ -96,12 +98,43 @@ class AlgorithmConfig:
     selection: str = AUTO
     """How K responses become a pair: 'auto' (all_pairs for sppo, else tournament for pairwise judges and
     best_worst for reward models), 'tournament', 'best_worst' or 'all_pairs'."""
+    eta_schedule: str = "constant"
+    """eta of each iteration: 'constant' = objective.eta; 'theorem4' = the paper's Theorem 4 schedule
+    eta_t = tau (t + 2) / 2 for t = 1..T (tau = objective.tau; objective.eta is then not trained with, though still
+    checked to exceed tau), under which KL(pi*, pi_T) <= 32 C^2 / (tau^2 (T + 1)): the last iterate converges to
+    the Nash policy. theorem4 needs objective inpo with tau > 0."""
+    sppo_winrate: str = "uclaml"
+    """The all-pairs win rate of a response (SPPO's target): 'uclaml' = mean of P(y_i beats y_j) over all K
+    responses j with itself counted at 1/2 (uclaml/SPPO compute_prob.py); 'others' = the mean over the other K - 1
+    (this project's earlier definition; uclaml - 1/2 = (K - 1)/K x (others - 1/2), so the same pair is chosen)."""
 
     def validate(self) -> None:
         if self.selection not in (AUTO, "tournament", "best_worst", "all_pairs"):
             raise ConfigError(f"algorithm.selection: auto, tournament, best_worst or all_pairs, got {self.selection!r}")
         if self.objective.name == "sppo" and self.selection not in (AUTO, "all_pairs"):
             raise ConfigError("algorithm.selection: sppo needs win rates from 'all_pairs' (or 'auto')")
+        if self.eta_schedule not in ETA_SCHEDULES:
+            raise ConfigError(f"algorithm.eta_schedule: 'constant' or 'theorem4', got {self.eta_schedule!r}")
+        if self.eta_schedule == "theorem4" and (self.objective.name != "inpo" or not self.objective.tau > 0):
+            raise ConfigError("algorithm.eta_schedule: 'theorem4' (eta_t = tau (t + 2) / 2) needs objective.name "
+                              f"'inpo' with objective.tau > 0, got {self.objective.name!r} with tau "
+                              f"{self.objective.tau}")
+        from megatron_inpo.judge.tournament import WINRATES
+
+        if self.sppo_winrate not in WINRATES:
+            raise ConfigError(f"algorithm.sppo_winrate: 'uclaml' or 'others', got {self.sppo_winrate!r}")
+
+    def eta(self, t: int) -> float:
+        """eta of iteration t (1..T) under eta_schedule."""
+        if t < 1:
+            raise ValueError(f"iteration t counts from 1, got {t}")
+        if self.eta_schedule == "theorem4":
+            return self.objective.tau * (t + 2) / 2
+        return self.objective.eta
+
+    def objective_at(self, t: int) -> ObjectiveConfig:
+        """The objective that iteration t trains with: `objective` with that iteration's eta."""
+        return dataclasses.replace(self.objective, eta=self.eta(t))
 
     def resolved_selection(self, judge_kind: str) -> str:
         from megatron_inpo.judge.tournament import resolve_method
@@ -126,10 +159,16 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=1, temperature=1.0,
                                                                              max_new_tokens=256, seed=4242))
     """Sampling of the evaluated policies (n is replaced by samples_per_prompt)."""
+    nash_tau: float = 0.0
+    """tau of the KL-regularised game whose Nash policy the Nash meter measures against (task.kind 'game',
+    megatron_inpo/nash_meter.py); 0 = algorithm.objective.tau. Set it when comparing algorithms whose own tau
+    differs (e.g. INPO w/o KL), so that every run is measured against the same pi*."""
 
     def validate(self) -> None:
         if self.num_prompts < 0 or self.samples_per_prompt < 1:
             raise ConfigError("eval.num_prompts must be >= 0 and eval.samples_per_prompt >= 1")
+        if not self.nash_tau >= 0:
+            raise ConfigError(f"eval.nash_tau: must be >= 0 (0: the objective's tau), got {self.nash_tau}")
         if self.sampling.seed is None:
             raise ConfigError("eval.sampling.seed: the evaluation must be seeded (reproducible, resumable)")
 

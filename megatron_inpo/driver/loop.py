@@ -6,7 +6,7 @@
         rollout  K responses per prompt of D_t    (SGLang servers or the in-process engine)
         judge    tournament / best-worst -> (y_w, y_l) pairs        (the preference oracle)
         logprobs log pi_ref and log pi_t of every y_w, y_l          (forward-only, stored with the pairs)
-        train    pi_{t+1} = argmin of the INPO loss over the pairs  (Megatron-Core)
+        train    pi_{t+1} = argmin of the INPO loss over the pairs  (Megatron-Core; eta_t by algorithm.eta_schedule)
         checkpoint  publish pi_{t+1}
         eval     win rate of pi_{t+1} against pi_ref on held-out prompts
 
@@ -28,8 +28,8 @@ from megatron_inpo.config import ConfigError, validate_all
 from megatron_inpo.driver.config import RunConfig
 from megatron_inpo.driver.launcher import reap_orphan_stage
 from megatron_inpo.driver.manifest import Manifest
-from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, LogprobResult, Pairs, Policy, R, Rollouts,
-                                          TaskFiles, TrainResult)
+from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, LogprobResult, NashReading, Pairs, Policy,
+                                          R, Rollouts, TaskFiles, TrainResult)
 from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_engine
 from megatron_inpo.faults import StageFault, fault_point
 from megatron_inpo.files import atomic_write_json
@@ -49,14 +49,29 @@ def preflight(cfg: RunConfig) -> None:
         hf = Path(cfg.model.hf_path)
         if not (hf / "config.json").exists():
             raise ConfigError(f"model.hf_path: {hf} is not an HF model directory (no config.json)")
-        from megatron_inpo.data.prompts import read_prompts
+        from dataclasses import replace
 
-        for i, p in enumerate(cfg.prompts):
+        from megatron_inpo.data.prompts import read_prompts
+        from megatron_inpo.rollout.engine import load_tokenizer, prompt_limits
+
+        # every line of every prompt file against pi_ref's tokenizer and positions (each iterate shares them): a bad
+        # line of the last iteration's file fails now, naming file:line, not after hours of training
+        rollout = replace(cfg.rollout, model_path=str(hf))
+        files = [(f"prompts[{i}]", p, rollout.sampling) for i, p in enumerate(cfg.prompts)]
+        files += [("eval.prompts", cfg.eval.prompts, cfg.eval.sampling)] if cfg.eval.enabled else []
+        for name, p, _ in files:
             if not Path(p).exists():
-                raise ConfigError(f"prompts[{i}]: file {p} not found")
-            read_prompts(p, limit=1)  # a malformed first line fails now, naming file:line
-        if cfg.eval.enabled and not Path(cfg.eval.prompts).exists():
-            raise ConfigError(f"eval.prompts: file {cfg.eval.prompts} not found")
+                raise ConfigError(f"{name}: file {p} not found")
+            read_prompts(p)
+        tok_path = rollout.tokenizer_path or str(hf)
+        try:
+            tokenizer = load_tokenizer(tok_path)
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a broken directory
+            field = "rollout.tokenizer_path" if rollout.tokenizer_path else "model.hf_path"
+            raise ConfigError(f"{field}: cannot load a tokenizer from {tok_path} ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        for _, p, sampling in files:
+            read_prompts(p, **prompt_limits(replace(rollout, sampling=sampling), tokenizer))
     if cfg.judge.kind == "programmatic" or (cfg.eval.judge and cfg.eval.judge.kind == "programmatic"):
         from megatron_inpo.judge.base import make_judge
 
@@ -124,13 +139,14 @@ class Driver:
             pairs = self.stage(f"iter{t}/judge", Pairs, lambda f: self._judge_pairs(f, t, rollouts, it), t)
             scored = self.stage(f"iter{t}/logprobs", LogprobResult,
                                 lambda f: self._logprobs(f, t, pairs, ref, policy, it), t)
-            trained = self.stage(f"iter{t}/train", TrainResult, lambda f: self._train(f, scored, policy, it), t)
+            trained = self.stage(f"iter{t}/train", TrainResult, lambda f: self._train(f, t, scored, policy, it), t)
             checkpoint = self.stage(f"iter{t}/checkpoint", Checkpoint, lambda f: self._checkpoint(t, trained), t)
             policy = Path(checkpoint.policy)  # pi_{t+1}
             hf_next = self._export(t + 1, policy)
             evaluation = (self.stage(f"iter{t}/eval", EvalResult, lambda f: self._eval(t, hf_next, hf_ref, files), t)
                           if cfg.eval.enabled else None)
             rows.append(self._report(t, rollouts, pairs, trained, evaluation))
+            rows[-1].update(self._nash_meter(t, hf_next, hf_ref, files) if evaluation is not None else {})
         final = {"final_policy": str(policy), "final_hf": self._export(cfg.iterations + 1, policy), "table": rows,
                  "stage_seconds": self.manifest.stage_seconds()}
         atomic_write_json(self.run_dir / "results.json", final)
@@ -159,7 +175,9 @@ class Driver:
                 evaluation: EvalResult | None) -> dict:
         """The row of iteration t in the table and results.json; its numbers also go to tensorboard."""
         row = {"iteration": t, "pairs": pairs.pairs, "dropped": pairs.dropped, "loss": trained.metrics.get("loss"),
-               "rollout_mean_tokens": rollouts.mean_tokens}
+               "rollout_mean_tokens": rollouts.mean_tokens, "eta": trained.eta}
+        if trained.eta is not None:
+            self.tb.add_scalar("train/eta", trained.eta, t)
         if evaluation is not None:
             row.update(win_rate=evaluation.win_rate, stderr=evaluation.stderr, n=evaluation.n,
                        mean_tokens=evaluation.policy_length["mean_tokens"],
@@ -290,7 +308,7 @@ class Driver:
         out = it / "pairs.jsonl"
         s = judge_stage(rollouts.rollouts, judge, self.cfg.algorithm.resolved_selection(judge.kind), out,
                         iteration=t, model_version=f"pi_{t}", batch_size=self.cfg.rollout_batch_size,
-                        progress=self.progress, fault=fault)
+                        progress=self.progress, fault=fault, winrate=self.cfg.algorithm.sppo_winrate)
         if s["pairs"] == 0:
             raise RuntimeError(f"iteration {t}: the judge kept no pair ({out}); nothing to train on")
         return Pairs(pairs_file=s["pairs_file"], pairs=s["pairs"], dropped=s["dropped"], method=s["method"],
@@ -302,10 +320,11 @@ class Driver:
         self.stages.logprobs(Path(pairs.pairs_file), out, ref, None if t == 1 else last, fault)
         return LogprobResult(data=str(out))
 
-    def _train(self, fault, scored: LogprobResult, init: Path, it: Path) -> TrainResult:
+    def _train(self, fault, t: int, scored: LogprobResult, init: Path, it: Path) -> TrainResult:
         self.server_memory("release")
-        ckpt, metrics = self.stages.train(Path(scored.data), init, it / "train", fault)
-        return TrainResult(checkpoint=str(ckpt), metrics=metrics)
+        objective = self.cfg.algorithm.objective_at(t)  # this iteration's eta (algorithm.eta_schedule)
+        ckpt, metrics = self.stages.train(Path(scored.data), init, it / "train", fault, objective)
+        return TrainResult(checkpoint=str(ckpt), metrics=metrics, eta=objective.eta)
 
     def _checkpoint(self, t: int, trained: TrainResult) -> Checkpoint:
         # pi_{t+1} is the training stage's final checkpoint (already written atomically); record it under a stable
@@ -329,3 +348,38 @@ class Driver:
             rcfg, self.eval_judge(), hf_policy, hf_ref, prompts, ev.samples_per_prompt, ev.sampling,
             self.run_dir / "eval" / f"pi_{t + 1}", policy_name=f"pi_{t + 1}", baseline_name="pi_ref",
             baseline_cache=self.run_dir / "eval" / "pi_ref.generations.jsonl"))
+
+    def _nash_meter(self, t: int, hf_policy: str, hf_ref: str, files: TaskFiles) -> dict:
+        """The Nash meter's columns of iteration t (megatron_inpo/nash_meter.py), pi_ref's as ref_*: exact KL to
+        pi* and duality gap on the game task (stages 'meter/pi_ref', 'iter{t}/meter'); on the word task the style
+        mix of the eval samples and its exploitability in the style game (an approximation, computed from the
+        evaluation's generations)."""
+        from megatron_inpo import nash_meter
+
+        cfg = self.cfg
+        if cfg.model.source != "synthetic":
+            return {}
+        if cfg.task.kind != "game":
+            ev = self.run_dir / "eval"
+            mix, ref_mix = (nash_meter.style_mix(ev / f"pi_{t + 1}" / f"pi_{t + 1}.generations.jsonl"),
+                            nash_meter.style_mix(ev / "pi_ref.generations.jsonl"))
+            row = {"style_mix": mix, "style_exploitability": nash_meter.style_exploitability(mix),
+                   "ref_style_mix": ref_mix, "ref_style_exploitability": nash_meter.style_exploitability(ref_mix)}
+            for k in ("rock", "paper", "scissors"):
+                self.tb.add_scalar(f"eval/style_{k}", mix[k], t)
+            self.tb.add_scalar("eval/style_exploitability_approx", row["style_exploitability"], t)
+            return row
+        tau = cfg.eval.nash_tau or cfg.algorithm.objective.tau
+        ref = self.stage("meter/pi_ref", NashReading, lambda f: NashReading(
+            nash_meter.reference_reading(hf_ref, files.eval_prompts, tau))).reading
+        cur = self.stage(f"iter{t}/meter", NashReading, lambda f: NashReading(
+            nash_meter.iterate_reading(hf_policy, ref)), t).reading
+        row = {k: cur[k] for k in ("kl_to_nash", "duality_gap", "leaked_mass")}
+        row.update({f"ref_{k}": ref[k] for k in ("kl_to_nash", "duality_gap", "leaked_mass")})
+        row.update(nash_tau=tau, nash_games=ref["games"], nash_residual=ref["nash_residual"],
+                   nash_gap=ref["nash_gap"])
+        for k in ("kl_to_nash", "duality_gap", "leaked_mass"):
+            if t == 1:
+                self.tb.add_scalar(f"nash/{k}", ref[k], 0)
+            self.tb.add_scalar(f"nash/{k}", cur[k], t)
+        return row

@@ -80,10 +80,12 @@ class LogprobResult(StageResult):
 
 @dataclass
 class TrainResult(StageResult):
-    """'iter{t}/train': the final checkpoint of the INPO update and its metrics."""
+    """'iter{t}/train': the final checkpoint of the INPO update, its metrics and the eta it trained with."""
 
     checkpoint: str
     metrics: dict
+    eta: float | None = None
+    """The iteration's objective.eta (algorithm.eta_schedule); None in manifests written before it was recorded."""
 
 
 @dataclass
@@ -110,3 +112,11 @@ class EvalResult(StageResult):
     judge: str
     policy_length: dict
     baseline_length: dict
+
+
+@dataclass
+class NashReading(StageResult):
+    """'meter/pi_ref' and 'iter{t}/meter' (task.kind 'game'): the Nash meter's exact reading of a policy
+    (megatron_inpo.nash_meter; pi_ref's also holds every game's pi* and its certificate)."""
+
+    reading: dict

@@ -23,7 +23,8 @@ class PolicyStages(Protocol):
     def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path: ...
     def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None,
                  fault: Callable[[str], None] = ...) -> Path: ...
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None]) -> tuple[Path, dict]: ...
+    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
+              objective: Any = None) -> tuple[Path, dict]: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,7 +36,21 @@ class TorchStages:
         return Path(hf_dir)
 
     def export_hf(self, policy: Path, out: Path, dtype: str) -> Path:
-        return Path(policy)  # a torch policy already is an HF directory
+        # A torch policy already is an HF directory (float32): the export is its copy, so run_dir/hf/pi_n exists
+        # as with the Megatron engine and carries a digest record; the dtype stays float32, the torch engine's
+        # precision, so its rollouts sample from the weights it trained.
+        import shutil
+
+        from megatron_inpo.engine.trust import record_export_digests
+        from megatron_inpo.files import atomic_directory
+
+        if not (out / "config.json").exists():
+            with atomic_directory(out, overwrite=out.exists()) as tmp:
+                for p in sorted(Path(policy).iterdir()):
+                    if p.is_file():
+                        shutil.copyfile(p, tmp / p.name)
+                record_export_digests(tmp)
+        return out
 
     def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path:
         import json
@@ -54,12 +69,13 @@ class TorchStages:
             ts.compute_logps(data, out, ref, last if last is not None and Path(last) != Path(ref) else None)
         return out
 
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None]) -> tuple[Path, dict]:
+    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
+              objective: Any = None) -> tuple[Path, dict]:
         from megatron_inpo.data.preferences import read_preferences
         from megatron_inpo.driver import torch_stages as ts
 
         pairs = read_preferences(data, require_logps=True)
-        loss = ts.preference_loss_fn(pairs, self.cfg.algorithm.objective)
+        loss = ts.preference_loss_fn(pairs, objective or self.cfg.algorithm.objective)
         res = self._train(init, out_dir, len(pairs), loss, self.cfg.train, fault)
         return Path(res["model_dir"]), res["metrics"]
 
@@ -143,13 +159,14 @@ class MegatronStages:
         return out
 
     def _train_stage(self, name: str, loss: str, schedule: Any, data: Path, init: Path, out_dir: Path,
-                     fault: Callable[[str], None]) -> dict:
+                     fault: Callable[[str], None], objective: Any = None) -> dict:
         import json
 
         from megatron_inpo.engine.config import TrainStageConfig
 
         stage = TrainStageConfig(data=str(data), init_checkpoint=str(init), output_dir=str(out_dir), loss=loss,
-                                 objective=self.cfg.algorithm.objective, megatron=self.cfg.megatron, train=schedule,
+                                 objective=objective or self.cfg.algorithm.objective, megatron=self.cfg.megatron,
+                                 train=schedule,
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
         self.run(name, ["train", "--config", str(self._stage_config(name, stage))],
                  watch=_checkpoint_watch(out_dir, fault), hold=_pending(fault, "checkpoint"),
@@ -179,9 +196,11 @@ class MegatronStages:
                  hold=_pending(fault, "running"), progress_file=stage.progress_file)
         return out
 
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None]) -> tuple[Path, dict]:
+    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
+              objective: Any = None) -> tuple[Path, dict]:
+        """`objective`: the iteration's objective (AlgorithmConfig.objective_at: its eta); None = the run's."""
         name = f"train_{out_dir.parent.name}"
-        res = self._train_stage(name, "preference", self.cfg.train, data, init, out_dir, fault)
+        res = self._train_stage(name, "preference", self.cfg.train, data, init, out_dir, fault, objective)
         return Path(res["final_checkpoint"]), res.get("metrics", {})
 
 

@@ -24,6 +24,9 @@ from megatron_inpo.files import atomic_directory, atomic_write_bytes, atomic_wri
 def load_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 
+    from megatron_inpo.engine.trust import verify_export
+
+    verify_export(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 

@@ -7,10 +7,12 @@ stages and their checkpoints.
     logprobs.py    run_logprobs(LogprobStageConfig): the resumable forward-only pass
     step.py        run_schedule(model, batches, loss): one forward_step for every stage; losses as objects
                    (PreferenceLoss, SFTLoss, PairLogpsProbe); global_metrics
-    batches.py     SequenceBatch, pair / SFT micro-batches, the seeded data order (step_items)
+    batches.py     SequenceBatch, pair / SFT micro-batches padded or packed (plan_step: first-fit decreasing rows,
+                   THD cu_seqlens), the seeded data order (step_items, optionally length-grouped)
     optimizer.py   build_optimizer, the fused torch AdamW, the torch-Adam repairs around loads
     policy.py      init_runtime, build_policy, wrap_ddp, load_frozen_policy
-    model.py       build_model: GPTModel for the Llama family from an HF config.json (local / TE spec)
+    model.py       build_model: GPTModel for the Llama family from an HF config.json (local / TE spec);
+                   packed_seq_params (THD) and the local spec's per-sequence attention of packed rows
     checkpoint.py  the checkpoint format (META_FILE, read_meta; shared with the converters), save / load
     parallel.py, cpu.py   Megatron's process groups; the CPU (gloo) mode
     mapping.py     HF <-> Megatron parameter names and layouts;  metrics.py  FLOPs, MFU, scalar log, progress

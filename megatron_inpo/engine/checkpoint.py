@@ -65,11 +65,20 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{p}: invalid UTF-8 (byte {e.start})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got a {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     for key in ("hf_config", "padded_vocab_size", "tp", "pp"):
         if key not in meta:
             raise CheckpointError(f"{p}: missing field {key!r}")
+    if not isinstance(meta["hf_config"], dict):
+        raise CheckpointError(f"{p}: field 'hf_config' must be a JSON object")
+    for key in ("padded_vocab_size", "tp", "pp"):
+        if type(meta[key]) is not int or meta[key] < 1:
+            raise CheckpointError(f"{p}: field {key!r} must be a positive integer, got {meta[key]!r}")
     return meta
 
 

@@ -47,7 +47,7 @@ def forward_pair_logps(
     store = run_schedule(model, batches, PairLogpsProbe(vocab_size), device, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return [(d["indices"], d["chosen"].float().cpu(), d["rejected"].float().cpu()) for d in store]
+    return [(d["indices"], d["chosen"].double().cpu(), d["rejected"].double().cpu()) for d in store]
 
 
 def file_digest(path: Path) -> str:
@@ -116,16 +116,21 @@ def compute_role_logps(
     pad_multiple: int = 1,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    packing: bool = False,
 ) -> tuple[list[list[float]], int]:
     """[chosen, rejected] log-prob sums of every pair under one model, on every rank; resumes from `store`.
 
-    Work is split in chunks of `chunk_pairs` pairs; each chunk is shared among data-parallel ranks by micro-batch.
+    Work is split in chunks of `chunk_pairs` pairs; each chunk is shared among data-parallel ranks by micro-batch
+    (engine/batches.py plan_step): padded micro-batches of `micro_batch_size` pairs, or with `packing` rows of
+    `logprob_row_capacity` tokens.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_inpo.engine import batches as batches_lib
+    from megatron_inpo.engine.config import logprob_row_capacity
 
+    pipeline = ps.get_pipeline_model_parallel_world_size() > 1
     dp_rank = ps.get_data_parallel_rank()
     dp_size = ps.get_data_parallel_world_size()
     # Rank 0 reads the finished chunks and tells everybody: every rank must skip exactly the same chunks, or the
@@ -144,17 +149,17 @@ def compute_role_logps(
                 progress(hi - lo)
             continue
         chunk = list(range(lo, hi))
-        plan = batches_lib.plan_micro_batches([batches_lib.pair_length(pairs[i]) for i in chunk], micro_batch_size)
-        mine = [[chunk[j] for j in mb] for k, mb in enumerate(plan) if k % dp_size == dp_rank]
+        longest = max(batches_lib.pair_length(pairs[i]) for i in chunk)
+        mine = batches_lib.plan_step(pairs, chunk, packing=packing, micro_batch_size=micro_batch_size,
+                                     capacity=logprob_row_capacity(micro_batch_size, longest), dp_size=dp_size,
+                                     dp_rank=dp_rank, pad_multiple=pad_multiple, uniform=pipeline)
         results: list = []
-        # One schedule call per group of equal-size micro-batches with one padded length: the last micro-batch
-        # of a chunk may be short.
-        groups: dict[int, list[list[int]]] = {}
-        for mb in mine:
-            groups.setdefault(len(mb), []).append(mb)
-        for size, mbs in groups.items():
-            S = batches_lib.round_up(max(batches_lib.pair_length(pairs[i]) for mb in mbs for i in mb), pad_multiple)
-            batches = [batches_lib.make_pair_batch([pairs[i] for i in mb], indices=mb, pad_to=S) for mb in mbs]
+        # Under pipeline parallelism one schedule call per group of micro-batches of one shape (the last padded
+        # micro-batch of a chunk may hold fewer pairs); without, one call.
+        groups: dict[tuple, list[SequenceBatch]] = {}
+        for b in mine:
+            groups.setdefault(tuple(b.tokens.shape) if pipeline else (), []).append(b)
+        for batches in groups.values():
             out = forward_pair_logps(model, batches, vocab_size, device)
             if out is not None and ps.get_tensor_model_parallel_rank() == 0:
                 for idx, ch, rj in out:
@@ -243,7 +248,7 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
         values[role], computed[role] = compute_role_logps(
             role, pairs, [model], built.vocab_size, lc.micro_batch_size, lc.chunk_pairs, store,
             pad_multiple=batch_pad_multiple(lc.pad_multiple, cfg.megatron), device=runtime.device,
-            progress=progress.update)
+            progress=progress.update, packing=cfg.megatron.packing)
         progress.close()
         del model, built
         if runtime.cuda:

@@ -13,6 +13,8 @@ API (what the engine, converter and tests call; process groups must exist: `engi
     LlamaArch.from_hf(hf_config)    validated dimensions (ConfigError names the config.json field).
     padded_vocab(vocab_size, tp, divisor=128)   Megatron's padding: multiple of divisor * tp.
 
+Packed micro-batches (engine/batches.py, EngineConfig.packing) reach the model as a PackedSeqParams with
+qkv_format "thd" (`packed_seq_params`, checked by `check_packed_seq_params`), on either spec.
 Layer specs: "te" = Transformer Engine modules (GPU; fused norm+linear names `linear_qkv.layer_norm_weight`),
 "local" = Megatron-Core's local modules with OUR core attention on torch scaled_dot_product_attention
 (`attention="sdpa"`, default; Megatron's unfused local attention is 0.54x of transformers on an H100) or
@@ -193,8 +195,10 @@ def _sdpa_core_attention_cls():
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, **kwargs):
-            if packed_seq_params is not None or attention_bias is not None:
-                raise NotImplementedError("packed sequences / attention bias need the TE spec")
+            if attention_bias is not None:
+                raise NotImplementedError("attention bias needs the TE spec")
+            if packed_seq_params is not None:
+                return self.forward_packed(query, key, value, packed_seq_params)
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             # [s, b, n, d] -> [b, n, s, d]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -215,10 +219,84 @@ def _sdpa_core_attention_cls():
             sq, b = out.shape[2], out.shape[0]
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
+        def forward_packed(self, query, key, value, params):
+            """THD: query [t, np, hn], key/value [t, ng, hn], the sequences of one packed row; returns [t, np*hn].
+
+            Causal attention per segment of params.cu_seqlens, each one the same SDPA call as a sequence of its
+            own (is_causal, flash kernel, GQA inside it): exact, and O(sum L_i^2) rather than the O(t^2) of one
+            call with a block-diagonal mask (which would also have to copy K/V per query head, see forward)."""
+            bounds = params.cu_seqlens_q.tolist()  # checked by packed_seq_params when the batch was staged
+            if bounds[-1] != query.shape[0]:
+                raise ValueError(f"packed row of {query.shape[0]} tokens, cu_seqlens end at {bounds[-1]}")
+            lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            dropout = self.dropout if self.training else 0.0
+            outs = []
+            # torch.split, not slicing: its backward is one concatenation, where each slice's backward would
+            # write a full-size zero gradient
+            for q, k, v in zip(*(torch.split(t, lens) for t in (query, key, value))):
+                q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))  # [1, n, L, d]
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale,
+                                                   is_causal=True, enable_gqa=self.heads != self.groups)
+                outs.append(o[0].permute(1, 0, 2).reshape(o.shape[2], self.heads * self.head_dim))
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     return SDPACoreAttention
 
 
 _SDPA_CLS = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed sequences (THD)
+
+
+def packed_seq_params(batch):
+    """Megatron's PackedSeqParams (qkv_format "thd") of a packed micro-batch (engine/batches.py: one row, its
+    segments in `cu_seqlens`), or None for a padded one. The same object drives both specs: Megatron-Core applies
+    RoPE per segment from cu_seqlens; TE's DotProductAttention runs its varlen kernel with mask type
+    padding_causal (set by Megatron for thd); the local spec's SDPACoreAttention attends per segment."""
+    if not batch.packed:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch.cu_seqlens.to(device=batch.tokens.device, dtype=torch.int32)
+    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)
+    check_packed_seq_params(params, batch.tokens.numel(), batch_rows=int(batch.tokens.shape[0]))
+    return params
+
+
+def check_packed_seq_params(params, num_tokens: int, batch_rows: int = 1, tp: int = 1,
+                            sequence_parallel: bool = False) -> None:
+    """What both specs need of a PackedSeqParams, checked before any kernel sees it (a ValueError naming what is
+    wrong): qkv_format 'thd'; one row (THD has no batch dimension); self-attention (kv offsets = q offsets);
+    cu_seqlens int32, 1-D, from 0, strictly increasing (no empty segment: Megatron's RoPE split and TE's kernels
+    need each length >= 1), ending at the row's token count; max_seqlen the longest segment (TE sizes its work
+    by it and Megatron its RoPE table); with sequence parallelism the tokens divide over the TP ranks."""
+    if params.qkv_format != "thd":
+        raise ValueError(f"packed_seq_params: qkv_format={params.qkv_format!r}, expected 'thd'")
+    if batch_rows != 1:
+        raise ValueError(f"packed_seq_params: a packed micro-batch is one row, got {batch_rows}")
+    cu = params.cu_seqlens_q
+    if cu is None or params.cu_seqlens_kv is None:
+        raise ValueError("packed_seq_params: cu_seqlens_q and cu_seqlens_kv are required")
+    if cu is not params.cu_seqlens_kv and not torch.equal(cu, params.cu_seqlens_kv):
+        raise ValueError("packed_seq_params: cu_seqlens_kv must equal cu_seqlens_q (causal self-attention)")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"packed_seq_params: cu_seqlens must be a 1-D int32 tensor of >= 2 offsets, got "
+                         f"{cu.dtype} of shape {tuple(cu.shape)}")
+    lens = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or bool((lens <= 0).any()):
+        raise ValueError(f"packed_seq_params: cu_seqlens must start at 0 and increase strictly, got {cu.tolist()}")
+    if int(cu[-1]) != num_tokens:
+        raise ValueError(f"packed_seq_params: cu_seqlens ends at {int(cu[-1])}, the row has {num_tokens} tokens")
+    longest = int(lens.max())
+    for name in ("max_seqlen_q", "max_seqlen_kv"):
+        if getattr(params, name) != longest:
+            raise ValueError(f"packed_seq_params: {name}={getattr(params, name)}, the longest segment is {longest}")
+    if sequence_parallel and num_tokens % tp:
+        raise ValueError(f"packed_seq_params: {num_tokens} tokens do not split over {tp} sequence-parallel ranks")
 
 
 def sdpa_core_attention_class():

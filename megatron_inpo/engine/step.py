@@ -50,8 +50,18 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | No
 
 
 def sequence_logps(logits: torch.Tensor, batch: SequenceBatch, vocab_size: int | None = None) -> torch.Tensor:
-    """Per-sequence sums of response-token log-probs, [n]."""
-    return (token_logps(logits, batch.labels, vocab_size) * batch.loss_mask).sum(dim=-1)
+    """Per-sequence sums of response-token log-probs, [n] float64, in the padded order whether the batch is padded
+    ([n, S] rows) or packed (one row; each position's sequence is `batch.seq_ids`).
+
+    The sums run in float64: a sequence's log-prob is a sum of hundreds of nats, and float32 sums in another order
+    (a packed row vs a padded one) differ by ulps of the total; in float64 both equal the exact sum of the same
+    float32 token log-probs to ~1e-13."""
+    tok = token_logps(logits, batch.labels, vocab_size).double() * batch.loss_mask
+    if not batch.packed:
+        return tok.sum(dim=-1)
+    n = batch.num_sequences
+    sums = torch.zeros(n + 1, dtype=tok.dtype, device=tok.device)  # slot n collects the padding (all zeros)
+    return sums.index_add(0, batch.seq_ids.reshape(-1), tok.reshape(-1))[:n]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,10 +185,14 @@ def make_loss(kind: str, objective, vocab_size: int, items: Sequence[Any]) -> Lo
 def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, device, forward_only: bool = False):
     """Forward (and backward, unless `forward_only`) of `batches` through get_forward_backward_func.
 
-    Every pipeline stage must pass batches of one shape. Returns the schedule's per-micro-batch reports (the last
-    pipeline stage's; empty elsewhere).
+    Under pipeline parallelism every micro-batch must have one shape. Padded and packed micro-batches (one row
+    each, engine/batches.py) may be mixed. Returns the schedule's per-micro-batch reports (the last pipeline
+    stage's; empty elsewhere).
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_inpo.engine.model import packed_seq_params
 
     loss.collected = []
     # Every micro-batch and what its loss reads go to the device before the schedule starts: inside it, each
@@ -186,13 +200,19 @@ def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, devi
     staged = [(b.to(device), loss.inputs(b, device)) for b in batches]
 
     def forward_step(data_iterator, chunk):
-        batch, inputs = next(data_iterator)
-        output = chunk(batch.tokens, batch.position_ids, attention_mask=None)
+        batch, inputs, packed = next(data_iterator)
+        # a packed row is one THD batch: Megatron applies RoPE per sequence (cu_seqlens) and the core attention
+        # (TE's, or ours on the local spec) keeps each sequence to itself
+        output = chunk(batch.tokens, batch.position_ids, attention_mask=None, packed_seq_params=packed)
         return output, lambda out: loss(batch, inputs, out)
 
     shape = batches[0].tokens.shape
-    if any(b.tokens.shape != shape for b in batches):
-        raise ValueError("run_schedule: every micro-batch of one call must have the same shape")
+    # Pipeline stages exchange activations of the shape given below; without a pipeline each micro-batch may have
+    # its own (a padded micro-batch padded only to its own longest sequence).
+    if ps.get_pipeline_model_parallel_world_size() > 1 and any(b.tokens.shape != shape for b in batches):
+        raise ValueError("run_schedule: under pipeline parallelism every micro-batch of one call must have the "
+                         "same shape")
+    staged = [(b, inputs, packed_seq_params(b)) for b, inputs in staged]
     with torch.no_grad() if forward_only else torch.enable_grad():
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(staged), model=model,

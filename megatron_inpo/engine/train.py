@@ -27,6 +27,9 @@ Losses (engine/step.py):
 Parallelism: world size = TP x PP x DP; global_batch_size must be a multiple of micro_batch_size x DP
 (gradient accumulation = global / (micro x DP) micro-batches per step). Megatron's schedule runs the
 micro-batches (engine/step.py), so any TP / PP / DP split gives the same gradients as one process.
+With megatron.packing (the default) a step's items are dealt to the DP ranks by tokens and packed into rows of up
+to train.max_seq_len tokens, one row per micro-batch (engine/batches.py plan_step); micro_batch_size then only
+sizes the padded path (and the divisibility check above).
 """
 from __future__ import annotations
 
@@ -178,14 +181,17 @@ class _Trainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megatron_inpo.engine.batches import make_batches, split_micro_batches, step_items
+        from megatron_inpo.engine.batches import plan_step, step_items
         from megatron_inpo.engine.metrics import batch_flops, throughput
         from megatron_inpo.engine.step import global_metrics, run_schedule
 
-        t, rt = self.cfg.train, self.runtime
-        idx = step_items(step, len(self.items), t.global_batch_size, self.cfg.seed, t.shuffle)
-        mbs = split_micro_batches(idx, self.lengths, t.micro_batch_size, rt.dp_size, ps.get_data_parallel_rank())
-        batches = make_batches(self.items, mbs, batch_pad_multiple(t.pad_multiple, self.cfg.megatron))
+        t, rt, engine = self.cfg.train, self.runtime, self.cfg.megatron
+        idx = step_items(step, len(self.items), t.global_batch_size, self.cfg.seed, t.shuffle, self.lengths,
+                         t.length_buckets)
+        batches = plan_step(self.items, idx, packing=engine.packing, micro_batch_size=t.micro_batch_size,
+                            capacity=t.max_seq_len, dp_size=rt.dp_size, dp_rank=ps.get_data_parallel_rank(),
+                            pad_multiple=batch_pad_multiple(t.pad_multiple, engine),
+                            uniform=engine.parallel.pipeline_model_parallel_size > 1)
         if rt.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -200,9 +206,10 @@ class _Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         metrics = global_metrics(self.loss, rt.device)
-        # Throughput over the whole job: padded tokens actually computed on this DP rank, summed over DP.
+        # Throughput over the whole job: tokens actually computed on this DP rank (padding included), summed over
+        # DP; FLOPs per attention span (a packed row's segments attend separately).
         local = torch.tensor([sum(b.tokens.numel() for b in batches),
-                              batch_flops(self.dims, [b.seq_len for b in batches for _ in range(b.tokens.shape[0])])],
+                              batch_flops(self.dims, [L for b in batches for L in b.segment_lengths])],
                              dtype=torch.float64, device=rt.device)
         if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
             dist.all_reduce(local, group=ps.get_data_parallel_group())

@@ -7,7 +7,10 @@ extra read pass over the checkpoint's files at load (hashing runs at about the s
 The issue asked for streaming the digests with the read itself; that is not possible here, since
 megatron.core.dist_checkpointing (and torch's FileSystemReader under it) opens and reads the files itself, in
 pieces and in an order we do not control. Checkpoints written before this record existed load with a warning.
-Skip the check with `MEGATRON_INPO_NO_VERIFY=1` (or `verify_digests=False` in the Python API).
+HF exports carry their own record (EXPORT_RECORD, written last by every export), checked by `verify_export` before
+a converter, the local rollout engine or SGLang servers read them; an HF directory without one (a hub download) is
+read as it is. Skip the checks with `--no-verify` on any command, `MEGATRON_INPO_NO_VERIFY=1`, or
+`verify_digests=False` in the Python API.
 
 Loading without trusting: torch's distributed-checkpoint `.metadata` is a pickle (read with `pickle.load`),
 `common.pt` and the byte entries of the `.distcp` files (RNG states, TE `_extra_state`) are read with
@@ -84,13 +87,14 @@ def _sha256(path: Path) -> str:
             h.update(b)
 
 
-def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[str]:
-    """Relative names (posix) of the files a digest record covers: all but megatron_inpo.json and tokenizer/."""
+def checkpoint_files(ckpt_dir: str | os.PathLike, excluded: tuple[str, ...] = _EXCLUDED_TOP) -> list[str]:
+    """Relative names (posix) of the files a digest record covers: all but the top-level entries `excluded`
+    (a checkpoint: megatron_inpo.json and tokenizer/; an HF export: its digest record)."""
     root = Path(ckpt_dir)
     out = []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if rel.parts[0] in _EXCLUDED_TOP or p.is_dir():
+        if rel.parts[0] in excluded or p.is_dir():
             continue
         out.append(rel.as_posix())
     return sorted(out)
@@ -117,21 +121,61 @@ def verify_digests(ckpt_dir: str | os.PathLike, meta: dict) -> bool:
         log.warning("%s: no file digests in megatron_inpo.json (written before they were recorded); integrity "
                     "not checked", root)
         return False
+    _check_files(root, recorded, set(checkpoint_files(root)), "megatron_inpo.json")
+    return True
+
+
+def _check_files(root: Path, recorded: object, present: set[str], record: str, kind: str = "checkpoint") -> None:
+    """`present` (relative names) against the digest record `recorded` read from `root / record` of a `kind`."""
     if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in recorded.items()):
-        raise TrustError(f"{root / 'megatron_inpo.json'}: field 'files' is not a mapping of file name -> sha256")
-    present = set(checkpoint_files(root))
+        raise TrustError(f"{root / record}: field 'files' is not a mapping of file name -> sha256")
     missing = sorted(set(recorded) - present)
     if missing:
-        raise TrustError(f"{root / missing[0]}: missing checkpoint file (listed in megatron_inpo.json"
+        raise TrustError(f"{root / missing[0]}: missing {kind} file (listed in {record}"
                          f"{f', with {len(missing) - 1} more' if len(missing) > 1 else ''})")
     extra = sorted(present - set(recorded))
     if extra:
-        raise TrustError(f"{root / extra[0]}: file not in the checkpoint's digest record (megatron_inpo.json)"
+        raise TrustError(f"{root / extra[0]}: file not in the {kind}'s digest record ({record})"
                          f"{f', with {len(extra) - 1} more' if len(extra) > 1 else ''}; remove it or re-save")
     for rel in sorted(recorded):
         if _sha256(root / rel) != recorded[rel]:
-            raise TrustError(f"{root / rel}: sha256 differs from megatron_inpo.json (corrupted or modified file)")
+            raise TrustError(f"{root / rel}: sha256 differs from {record} (corrupted or modified file)")
+
+
+# HF exports (convert mcore-to-hf, the torch engine's exports) carry their own record, a file of the export, since
+# config.json belongs to transformers. A directory without one (a download from a model hub) has nothing recorded
+# to check and is read as it is.
+EXPORT_RECORD = "megatron_inpo.digests.json"
+EXPORT_FORMAT = "megatron-inpo hf export digests v1"
+
+
+def record_export_digests(hf_dir: str | os.PathLike) -> Path:
+    """Write `hf_dir/EXPORT_RECORD` with the sha256 of every other file of the directory (call it last, on the
+    not yet renamed temporary directory of an atomic export)."""
+    from megatron_inpo.files import atomic_write_json
+
+    root = Path(hf_dir)
+    files = {rel: _sha256(root / rel) for rel in checkpoint_files(root, (EXPORT_RECORD,))}
+    return atomic_write_json(root / EXPORT_RECORD, {"format": EXPORT_FORMAT, FILES_KEY: files})
+
+
+def verify_export(hf_dir: str | os.PathLike, verify_digests: bool | None = None) -> bool:
+    """Check an HF directory against its EXPORT_RECORD before anything reads it. True when verified; False when
+    disabled or when the directory has no record (not written by this project); TrustError naming the file that
+    is missing, extra or different, or the broken record."""
+    root = Path(hf_dir)
+    path = root / EXPORT_RECORD
+    if not verify_enabled(verify_digests) or not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TrustError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise TrustError(f"{path}: not a megatron-inpo digest record (field 'format' must be {EXPORT_FORMAT!r})")
+    _check_files(root, record.get(FILES_KEY), set(checkpoint_files(root, (EXPORT_RECORD,))), EXPORT_RECORD,
+                 "export")
     return True
 
 

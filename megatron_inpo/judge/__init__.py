@@ -20,13 +20,14 @@ API summary::
       LocalRewardJudge (transformers *ForSequenceClassification) / SGLangRewardJudge (/classify, embedding[0]).
 
     Pair selection (tournament.py), batched across prompts (one judge call per bracket round for all prompts):
-      select_pairs(rollouts, judge, method) -> list[Selection | None]  (None = dropped)
+      select_pairs(rollouts, judge, method, winrate="uclaml") -> list[Selection | None]  (None = dropped)
         "tournament": K a power of two; winners/losers brackets, tie -> the first, final y_w vs y_l check kept
                       only if P > 0.5; exactly tournament_comparisons(K) = 3K/2 - 1 comparisons (K=8: 11).
         "best_worst": reward judges: argmax / argmin reward (K scores, no comparisons); dropped when all equal.
-        "all_pairs":  SPPO: K(K-1)/2 comparisons; win rate_i = mean_j!=i P(i beats j); chosen/rejected = max/min
+        "all_pairs":  SPPO: K(K-1)/2 comparisons; win rate_i = mean over all K j of P(i beats j), P(i beats i) =
+                      1/2 (uclaml; winrate="others": mean over j != i); chosen/rejected = max/min
                       win rate, stored in chosen_winrate / rejected_winrate.
-      build_preferences(rollouts, judge, method, iteration, model_version) -> (pairs, dropped_ids, stats)
+      build_preferences(rollouts, judge, method, iteration, model_version, winrate) -> (pairs, dropped_ids, stats)
 """
 from megatron_inpo.judge.base import Comparison, Judge, JudgeConfig, RewardJudge, make_judge  # noqa: F401
 from megatron_inpo.judge.programmatic import ProgrammaticJudge  # noqa: F401

@@ -6,8 +6,10 @@
   P(y_w beats y_l) > 0.5. Comparisons: K/2 (round 1) + 2 (K/2 - 1) (the brackets) + 1 (final) = 3K/2 - 1.
 - best_worst (reward models): y_w = highest reward, y_l = lowest (first index on ties); K scores, dropped when
   all rewards are equal.
-- all_pairs (SPPO's estimate): every unordered pair once, K(K-1)/2 comparisons; win rate of i is the mean over
-  j != i of P(i beats j); y_w / y_l = highest / lowest win rate.
+- all_pairs (SPPO's estimate): every unordered pair once, K(K-1)/2 comparisons; y_w / y_l = highest / lowest win
+  rate. The win rate of i (`winrate`): 'uclaml' (default), as uclaml/SPPO's compute_prob.py, the mean over ALL K
+  responses j of P(i beats j) with P(i beats i) = 1/2; 'others', the mean over the K - 1 others j != i. Both
+  rank the responses alike (uclaml - 1/2 = (K-1)/K (others - 1/2)), so only the stored win rates differ.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from megatron_inpo.rollout.engine import Rollout
 log = logging.getLogger(__name__)
 
 Method = Literal["auto", "tournament", "best_worst", "all_pairs"]
+WINRATES = ("uclaml", "others")
+"""Definitions of the all-pairs win rate (module docstring)."""
 
 
 def tournament_comparisons(k: int) -> int:
@@ -128,7 +132,17 @@ def _tournament(rollouts: Sequence[Rollout], judge: Judge) -> list[Selection | N
     return [b.result for b in brackets]
 
 
-def _all_pairs(rollouts: Sequence[Rollout], judge: Judge) -> list[Selection | None]:
+def winrates(table: Sequence[Sequence[float]], winrate: str = "uclaml") -> list[float]:
+    """Win rate of each response from the K x K table of P(i beats j) (the diagonal is ignored)."""
+    k = len(table)
+    if winrate == "uclaml":  # self counted at 1/2, mean over all K
+        return [(sum(table[i][j] for j in range(k) if j != i) + 0.5) / k for i in range(k)]
+    if winrate == "others":
+        return [sum(table[i][j] for j in range(k) if j != i) / (k - 1) for i in range(k)]
+    raise ValueError(f"unknown win-rate definition {winrate!r}: one of {WINRATES}")
+
+
+def _all_pairs(rollouts: Sequence[Rollout], judge: Judge, winrate: str = "uclaml") -> list[Selection | None]:
     batch, index = [], []
     for n, r in enumerate(rollouts):
         k = len(r.completions)
@@ -147,14 +161,14 @@ def _all_pairs(rollouts: Sequence[Rollout], judge: Judge) -> list[Selection | No
     out: list[Selection | None] = []
     for n, t in enumerate(tables):
         k = len(t)
-        rates = [sum(t[i][j] for j in range(k) if j != i) / (k - 1) for i in range(k)]
+        rates = winrates(t, winrate)
         w = max(range(k), key=lambda i: (rates[i], -i))
         l_ = min(range(k), key=lambda i: (rates[i], i))
         if rates[w] <= rates[l_]:
             out.append(None)
             continue
         out.append(Selection(w, l_, chosen_prob=t[w][l_], chosen_winrate=rates[w], rejected_winrate=rates[l_],
-                             extra={"matches": matches[n], "winrates": rates}))
+                             extra={"matches": matches[n], "winrates": rates, "winrate": winrate}))
     return out
 
 
@@ -195,20 +209,24 @@ def resolve_method(method: Method | str, judge_kind: str, objective_name: str = 
     return method
 
 
-def select_pairs(rollouts: Sequence[Rollout], judge: Judge, method: Method = "auto") -> list[Selection | None]:
-    """One Selection (or None when the prompt yields no pair) per rollout, judged in batches across prompts."""
+def select_pairs(rollouts: Sequence[Rollout], judge: Judge, method: Method = "auto",
+                 winrate: str = "uclaml") -> list[Selection | None]:
+    """One Selection (or None when the prompt yields no pair) per rollout, judged in batches across prompts;
+    `winrate` is the all-pairs win-rate definition (WINRATES)."""
     if not rollouts:
         return []
     m = resolve_method(method, judge.kind)
-    return {"tournament": _tournament, "all_pairs": _all_pairs, "best_worst": _best_worst}[m](rollouts, judge)
+    if m == "all_pairs":
+        return _all_pairs(rollouts, judge, winrate)
+    return {"tournament": _tournament, "best_worst": _best_worst}[m](rollouts, judge)
 
 
 def build_preferences(rollouts: Sequence[Rollout], judge: Judge, method: Method = "auto", iteration: int = 1,
-                      model_version: str = "") -> tuple[list[PreferencePair], list[str], dict]:
+                      model_version: str = "", winrate: str = "uclaml") -> tuple[list[PreferencePair], list[str], dict]:
     """Select pairs and build PreferencePair records; returns (pairs, dropped prompt ids, stats)."""
     c0, k0, t0 = judge.comparisons, judge.calls, time.perf_counter()
     m = resolve_method(method, judge.kind) if rollouts else method
-    sels = select_pairs(rollouts, judge, method)
+    sels = select_pairs(rollouts, judge, method, winrate)
     dt = time.perf_counter() - t0
     pairs, dropped = [], []
     for r, s in zip(rollouts, sels):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from megatron_inpo.config import ConfigError
@@ -259,21 +261,9 @@ class RolloutEngine(abc.ABC):
         generous for vocabularies of short entries whose normalizers may drop characters (word-level tokenizers).
         Positions: max_positions(), else the tokenizer's model_max_length (good enough for this coarse bound).
         """
-        positions = self.max_positions()
-        if positions is None:
-            n = getattr(self.tokenizer, "model_max_length", None)
-            positions = n if type(n) is int and 0 < n < 10**8 else None  # 1e30: transformers' "no limit"
-        if positions is None:
-            return None
-        longest = getattr(self, "_longest_token_chars", None)
-        if longest is None:
-            try:
-                vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
-                longest = max(map(len, vocab), default=0)
-            except Exception:  # noqa: BLE001 - a tokenizer without a listable vocabulary: fall back to the floor
-                longest = 0
-            self._longest_token_chars = longest
-        return max(longest, 16) * positions
+        if getattr(self, "_char_bound", None) is None:
+            self._char_bound = prompt_char_bound(self.tokenizer, self.max_positions())
+        return self._char_bound
 
     def tokenize(self, prompts: Sequence["PromptRecord"], max_new_tokens: int = 0) -> list[list[int]]:
         """Token ids of each prompt: its own prompt_ids or its text tokenized (chat template when configured).
@@ -318,6 +308,40 @@ class RolloutEngine(abc.ABC):
             seeds = [[prompt_seed(sampling.seed, iteration, p.id, j) for j in range(sampling.n)] for p in prompts]
         outs = self.generate(ids, sampling, seeds)
         return [Rollout(p, i, o) for p, i, o in zip(prompts, ids, outs)]
+
+
+def prompt_char_bound(tokenizer: Any, positions: int | None) -> int | None:
+    """RolloutEngine.max_prompt_chars' bound: (longest vocabulary entry, at least 16) x positions, where positions
+    falls back to the tokenizer's model_max_length; None when neither is known."""
+    if positions is None:
+        n = getattr(tokenizer, "model_max_length", None)
+        positions = n if type(n) is int and 0 < n < 10**8 else None  # 1e30: transformers' "no limit"
+    if positions is None:
+        return None
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0) if tokenizer is not None else 0
+    except Exception:  # noqa: BLE001 - a tokenizer without a listable vocabulary: fall back to the floor
+        longest = 0
+    return max(longest, 16) * positions
+
+
+def prompt_limits(cfg: RolloutConfig, tokenizer: Any) -> dict[str, int | None]:
+    """read_prompts' limits (vocab_size, max_tokens, max_chars) from the tokenizer and the model's config.json, so
+    that a command refuses bad prompts, naming file:line, before the model loads (minutes for a large one); the
+    engine checks the same again when it tokenizes. Positions are the model's max_position_embeddings for the
+    local engine; an SGLang server judges a request's length itself (its context length may differ)."""
+    positions = None
+    if cfg.backend == "local" and cfg.model_path:
+        try:
+            n = json.loads((Path(cfg.model_path) / "config.json").read_text(encoding="utf-8")).get(
+                "max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            n = None  # the engine's own load reports a broken config.json with its error
+        positions = n if type(n) is int and n > 0 else None
+    max_new = cfg.sampling.max_new_tokens
+    return {"vocab_size": len(tokenizer) if tokenizer is not None else None,
+            "max_tokens": None if positions is None else max(positions - max_new, 0),
+            "max_chars": prompt_char_bound(tokenizer, positions)}
 
 
 def load_tokenizer(path: str) -> Any:

@@ -96,6 +96,9 @@ class LocalEngine(RolloutEngine):
     def _load_model(path: str, cfg: RolloutConfig) -> Any:
         from transformers import AutoModelForCausalLM
 
+        from megatron_inpo.engine.trust import verify_export
+
+        verify_export(path)  # an export of this project is checked against its digest record first
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
         return model.to(cfg.device).eval()
 

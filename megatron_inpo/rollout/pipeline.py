@@ -143,11 +143,11 @@ def _judged_ids(out_path: Path, iteration: int) -> set[str]:
 
 
 def _judge_batch(rollouts: Sequence["Rollout"], judge: "Judge", method: str, out_path: Path, iteration: int,
-                 model_version: str) -> tuple[list["PreferencePair"], list[str], dict]:
+                 model_version: str, winrate: str = "uclaml") -> tuple[list["PreferencePair"], list[str], dict]:
     """Select the pairs of one batch and append them (and the dropped prompts) to the output."""
     from megatron_inpo.judge.tournament import build_preferences
 
-    pairs, dropped, stats = build_preferences(rollouts, judge, method, iteration, model_version)
+    pairs, dropped, stats = build_preferences(rollouts, judge, method, iteration, model_version, winrate)
     # pairs first: a crash between the two writes only re-judges this batch's dropped prompts
     append_jsonl(out_path, [p.to_json() for p in pairs])
     append_jsonl(dropped_path(out_path), [json.dumps({"prompt_id": d, "iteration": iteration,
@@ -221,8 +221,9 @@ def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], C
 
 def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path: str | Path, iteration: int = 1,
                 model_version: str = "", batch_size: int = 64, progress: bool = True,
-                fault: Callable[[str], None] = no_fault) -> dict[str, Any]:
-    """Judge every prompt of `rollouts_path` not yet in `out_path` (pairs) or its .dropped.jsonl, batch by batch.
+                fault: Callable[[str], None] = no_fault, winrate: str = "uclaml") -> dict[str, Any]:
+    """Judge every prompt of `rollouts_path` not yet in `out_path` (pairs) or its .dropped.jsonl, batch by batch
+    (`winrate`: the all-pairs win-rate definition, judge/tournament.py WINRATES).
 
     `fault(f"batch{k}")` runs after batch k is on disk. Returns {"pairs_file", "pairs" and "dropped" (totals in the
     files), "method", "comparisons" (made by this call)}.
@@ -235,7 +236,7 @@ def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path
     comparisons = 0
     for k, batch in enumerate(_batches(rows, batch_size)):
         rolls = [_rollout_from_record(r) for r in batch]
-        _, _, stats = _judge_batch(rolls, judge, method, out_path, iteration, model_version)
+        _, _, stats = _judge_batch(rolls, judge, method, out_path, iteration, model_version, winrate)
         comparisons += stats["comparisons"]
         if bar is not None:
             bar.update(len(rolls))

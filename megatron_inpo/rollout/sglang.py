@@ -187,4 +187,9 @@ class SGLangEngine(RolloutEngine):
         return out
 
     def update_weights(self, model_path: str, version: str = "") -> None:
+        from megatron_inpo.engine.trust import verify_export
+
+        # the servers read the files themselves: the digests are checked here, where the export is named (a server
+        # on another node sees the same shared file system)
+        verify_export(model_path)
         self.pool.update_weights_from_disk(model_path, version)

@@ -25,8 +25,18 @@ from megatron_inpo.task.vocab import BOS, CONTENT, EOS, PAD, SEP, STYLES, WORDS
 
 @dataclass
 class TaskConfig:
-    """The synthetic task (only used when the run's task is 'synthetic')."""
+    """The generated task of model.source 'synthetic': the word task (kind 'synthetic') or the game (kind 'game')."""
 
+    kind: str = "synthetic"
+    """'synthetic': word prompts, multi-token responses, an oracle with a rock-paper-scissors style term (this
+    module); 'game': N single-token responses per prompt and an explicit intransitive preference matrix P_x per
+    prompt, so the Nash policy and every policy's distribution are exact (megatron_inpo/task/game.py)."""
+    responses: int = 5
+    """Game: N, the responses of every prompt (3-8)."""
+    games: int = 16
+    """Game: distinct prompts (games) in the pool that training and evaluation prompts cycle through."""
+    ref_skew: float = 0.45
+    """Game: the SFT data draws response ranks with probability proportional to ref_skew^rank, so pi_ref is skewed."""
     seed: int = 0
     """Seed of every generated file (prompts, SFT responses, initial weights)."""
     prompts_per_iteration: int = 256
@@ -65,6 +75,12 @@ class TaskConfig:
             self.wrong_probs = [0.45, 0.3, 0.15, 0.1]
 
     def validate(self) -> None:
+        if self.kind not in ("synthetic", "game"):
+            raise ConfigError(f"task.kind: 'synthetic' or 'game', got {self.kind!r}")
+        if self.kind == "game":
+            from megatron_inpo.task.game import validate as validate_game
+
+            validate_game(self)
         for name in ("prompts_per_iteration", "eval_prompts", "sft_examples", "hidden_size", "num_layers",
                      "num_heads", "num_kv_heads", "intermediate_size"):
             if getattr(self, name) < 1:
@@ -97,17 +113,18 @@ def prompt_ids_of(text: str) -> list[int]:
     return [word_id(BOS)] + encode_words(text.split()) + [word_id(SEP)]
 
 
-def build_tokenizer(out_dir: str | Path):
-    """A word-level PreTrainedTokenizerFast over WORDS, saved with save_pretrained into out_dir."""
+def build_tokenizer(out_dir: str | Path, words: list[str] = WORDS, model_max_length: int = 64):
+    """A word-level PreTrainedTokenizerFast over `words` (the special tokens first, as vocab.py lays them out),
+    saved with save_pretrained into out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=[SEP], model_max_length=64)
+                                   additional_special_tokens=[SEP], model_max_length=model_max_length)
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -163,14 +180,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def init_model(cfg: TaskConfig, out_dir: str | Path, tokenizer_dir: str | Path) -> None:
-    """A random tiny LlamaForCausalLM (seeded) saved as safetensors, with the tokenizer beside it."""
+def init_model(cfg: TaskConfig, out_dir: str | Path, tokenizer_dir: str | Path, hf: dict | None = None) -> None:
+    """A random tiny LlamaForCausalLM (seeded) saved as safetensors, with the tokenizer beside it (hf: its
+    config.json, default the word task's)."""
     import shutil
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = hf_config_dict(cfg)
+    hf = hf or hf_config_dict(cfg)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(LlamaConfig(**hf))
     with atomic_directory(out_dir, overwrite=True) as tmp:
@@ -181,8 +199,15 @@ def init_model(cfg: TaskConfig, out_dir: str | Path, tokenizer_dir: str | Path) 
 
 def prepare_task(task_dir: str | Path, cfg: TaskConfig, iterations: int) -> dict[str, str]:
     """Write (or check) every file of the task; returns their paths. Idempotent: an existing task dir is reused
-    after checking that it was made from the same TaskConfig."""
+    after checking that it was made from the same TaskConfig. The task kind (this module for 'synthetic',
+    task/game.py for 'game') supplies the tokenizer, prompts, SFT data and model config; the layout is the same."""
+    import sys
+
     cfg.validate()
+    if cfg.kind == "game":
+        from megatron_inpo.task import game as kind
+    else:
+        kind = sys.modules[__name__]
     task_dir = Path(task_dir)
     stamp = task_dir / "task.json"
     want = {"task": asdict(cfg), "iterations": iterations}
@@ -199,12 +224,12 @@ def prepare_task(task_dir: str | Path, cfg: TaskConfig, iterations: int) -> dict
     task_dir.mkdir(parents=True, exist_ok=True)
     if not (task_dir / "tokenizer" / "tokenizer.json").exists():
         with atomic_directory(task_dir / "tokenizer", overwrite=True) as tmp:
-            build_tokenizer(tmp)
+            kind.build_tokenizer(tmp)
     for t in range(1, iterations + 1):
-        _write_jsonl(Path(paths[f"prompts_iter{t}"]), make_prompts(cfg, f"iter{t}", cfg.prompts_per_iteration))
-    _write_jsonl(Path(paths["eval_prompts"]), make_prompts(cfg, "eval", cfg.eval_prompts))
-    _write_jsonl(Path(paths["sft"]), make_sft(cfg))
+        _write_jsonl(Path(paths[f"prompts_iter{t}"]), kind.make_prompts(cfg, f"iter{t}", cfg.prompts_per_iteration))
+    _write_jsonl(Path(paths["eval_prompts"]), kind.make_prompts(cfg, "eval", cfg.eval_prompts))
+    _write_jsonl(Path(paths["sft"]), kind.make_sft(cfg))
     if not (Path(paths["model_init"]) / "config.json").exists():
-        init_model(cfg, paths["model_init"], paths["tokenizer"])
+        init_model(cfg, paths["model_init"], paths["tokenizer"], kind.hf_config_dict(cfg))
     atomic_write_json(stamp, want)
     return paths

@@ -202,19 +202,25 @@ def _prompt_cases(command: str = "prompts") -> list[Case]:
             "field 'prompt_ids' must be a list of non-negative ints"),
         bad("duplicate-id", {"id": "a", "prompt": "again"}, "duplicate prompt id 'a' (first on line 1)"),
     ]
-    if command in ("prompts", "rollout"):  # checked by the rollout engine, against its tokenizer and model
+    # checked against the tokenizer and the model: by the rollout engine (prompts), before the model loads (rollout,
+    # evaluate: read_prompts with rollout/engine.prompt_limits) and again by the engine when it tokenizes
+    cases += [
+        bad("prompt-ids-oov", {"id": "b", "prompt": "x", "prompt_ids": [1, 10**6]},
+            "field 'prompt_ids': token id 1000000 (entry 1) is outside the model's vocabulary"),
+        bad("prompt-ids-too-many", {"id": "b", "prompt": "x", "prompt_ids": [1] * PROMPT_POSITIONS},
+            f"field 'prompt_ids' has {PROMPT_POSITIONS} tokens" + (
+                f"; with max_new_tokens=4 that is more than the model's {PROMPT_POSITIONS} positions"
+                if command == "prompts" else f", more than the {PROMPT_POSITIONS - 4} the model's positions leave "
+                "beside max_new_tokens")),
+        bad("prompt-absurdly-long", {"id": "b", "prompt": "z" * 2_000_000},
+            "field 'prompt' has 2000000 characters, more than the model's positions can hold as "
+            "tokens (limit 1024 characters); refused before tokenizing"),
+    ]
+    if command in ("prompts", "rollout"):  # the engine's count of a text's tokens (the model loaded)
         cases += [
-            bad("prompt-ids-oov", {"id": "b", "prompt": "x", "prompt_ids": [1, 10**6]},
-                "field 'prompt_ids': token id 1000000 (entry 1) is outside the model's vocabulary"),
-            bad("prompt-ids-too-many", {"id": "b", "prompt": "x", "prompt_ids": [1] * PROMPT_POSITIONS},
-                f"field 'prompt_ids' has {PROMPT_POSITIONS} tokens; with max_new_tokens=4 that is more than the "
-                f"model's {PROMPT_POSITIONS} positions"),
             bad("prompt-too-many-tokens", {"id": "b", "prompt": "y" * (PROMPT_POSITIONS - 2)},
                 "field 'prompt' has 80 tokens; with max_new_tokens=4 that is "
                 f"more than the model's {PROMPT_POSITIONS} positions"),
-            bad("prompt-absurdly-long", {"id": "b", "prompt": "z" * 2_000_000},
-                "field 'prompt' has 2000000 characters, more than the model's positions can hold as "
-                "tokens (limit 1024 characters); refused before tokenizing"),
         ]
     return cases
 
@@ -314,12 +320,9 @@ def _run_case(case: Case, path: Path, tmp_path: Path, capsys, fake_checkpoint: P
         assert "Traceback" not in err, err
         return err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar
     if case.command == "evaluate":
-        for d in ("pol", "base"):
-            (tmp_path / d).mkdir()
-            (tmp_path / d / "config.json").write_text("{}")
-        rc, err = _cli(["evaluate", "--policy", str(tmp_path / "pol"), "--baseline", str(tmp_path / "base"),
+        rc, err = _cli(["evaluate", "--policy", str(tiny_policy), "--baseline", str(tiny_policy),
                         "--prompts", str(path), "--judge-function", "megatron_inpo.task.oracle:prob_a_beats_b",
-                        "--out", str(tmp_path / "ev")], capsys)
+                        "--max-new-tokens", "4", "--out", str(tmp_path / "ev")], capsys)
         assert rc == 2, err
         assert not (tmp_path / "ev").exists()
         return err.strip()
@@ -362,9 +365,9 @@ def test_prompt_limits_at_read_time(tmp_path):
                  + json.dumps({"id": "b", "prompt": "x" * 50}) + "\n")
     with pytest.raises(DataError, match=r"q.jsonl:1: field 'prompt_ids': token id 9 \(entry 1\) is outside"):
         read_prompts(f, vocab_size=9)
-    with pytest.raises(DataError, match=r"q.jsonl:1: field 'prompt_ids' has 2 tokens > 1"):
+    with pytest.raises(DataError, match=r"q.jsonl:1: field 'prompt_ids' has 2 tokens, more than the 1 "):
         read_prompts(f, max_tokens=1)
-    with pytest.raises(DataError, match=r"q.jsonl:2: field 'prompt' has 50 characters > 49"):
+    with pytest.raises(DataError, match=r"q.jsonl:2: field 'prompt' has 50 characters, .*limit 49 characters\); refused before tokenizing"):
         read_prompts(f, max_chars=49)
 
 

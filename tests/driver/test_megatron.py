@@ -109,6 +109,14 @@ def _stage_processes_left():
     return left
 
 
-def test_torch_stages_are_identity_on_hf_dirs(tmp_path):
+def test_torch_stages_export_is_a_recorded_copy(tmp_path):
+    from megatron_inpo.engine.trust import verify_export
+    from tests.helpers.engine import tiny_hf_model
+
     st = TorchStages(resolve_config("tiny_cpu", None, ["engine=torch"]))
-    assert st.export_hf(tmp_path, tmp_path / "x", "float32") == tmp_path
+    tiny_hf_model().save_pretrained(tmp_path / "policy")
+    out = st.export_hf(tmp_path / "policy", tmp_path / "hf" / "pi_2", "float32")
+    assert out == tmp_path / "hf" / "pi_2" and verify_export(out) is True
+    for p in (tmp_path / "policy").iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes()
+    assert st.import_hf(tmp_path / "policy", tmp_path / "x") == tmp_path / "policy"

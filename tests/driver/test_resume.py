@@ -39,6 +39,11 @@ def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(tmp_path):
     assert fired == sorted(p.replace("/", "_") for p in POINTS)
 
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref_dir, cut_dir))
+    # the torch engine exports every iterate to run_dir/hf/pi_t as the Megatron engine does, with a digest record
+    from megatron_inpo.engine.trust import verify_export
+
+    assert a["final_hf"] == str(ref_dir / "hf" / "pi_3") and verify_export(a["final_hf"]) is True
+    assert verify_export(cut_dir / "hf" / "pi_2") is True
     ta, tb = tensors(a["final_hf"]), tensors(b["final_hf"])
     assert ta.keys() == tb.keys()
     for k in ta:

@@ -5,12 +5,11 @@ the tolerances per precision, with their reasons and measured errors, are tests.
 import json
 import os
 import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.helpers.engine import (PARITY_TOL, PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_tree,
+from tests.helpers.engine import (PARITY_TOL, PORTS, PY, REPO, convert_to_mcore, hf_pair_logps, kill_training_at,
                                   lr0_stage_args, lr0_step_weight_changes, sft_step_nll, tiny_hf_model, torchrun,
                                   write_sft_data)
 
@@ -137,7 +136,7 @@ def test_logprobs_cli_writes_transformers_values_and_resumes(parity, tmp_path):
     want = hf_pair_logps(hf, got)
     ref = torch.tensor([[p.ref_chosen_logp, p.ref_rejected_logp] for p in got], dtype=torch.float64)
     assert (ref - torch.tensor(want, dtype=torch.float64)).abs().max() < 2e-4
-    last = torch.tensor([[p.last_chosen_logp, p.last_rejected_logp] for p in got])
+    last = torch.tensor([[p.last_chosen_logp, p.last_rejected_logp] for p in got], dtype=torch.float64)
     assert (last.double() - ref).abs().max() > 1e-3  # pi_t (one step later) differs from pi_ref
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "progress directory left behind"
 
@@ -197,27 +196,7 @@ def test_sigkill_and_resume_matches_uninterrupted(parity, tmp_path, precision):
     assert [round(x[3], 10) for x in want[:3]] == [0.0, 5e-05, 1e-04] and want[-1][3] < 1e-5
 
     cut = tmp_path / "cut"
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(next(PORTS)),
-           *_train_args(src, cut, precision)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while not (cut / "checkpoints" / "step_00000003").exists():
-            assert p.poll() is None and time.time() < deadline, "training ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        # SIGKILL the launcher and its workers: no clean-up code runs anywhere.
-        import psutil
-
-        workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-        kill_tree(p.pid)
-        p.wait()
-        for pid in workers:
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                time.sleep(0.05)
-    assert not (cut / "train_result.json").exists(), "run finished before the kill: test is vacuous"
+    kill_training_at(_train_args(src, cut, precision), cut, step=3)
     from megatron_inpo.engine.checkpoint import latest_checkpoint
 
     resumed_from = latest_checkpoint(cut / "checkpoints")

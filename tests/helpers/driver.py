@@ -8,7 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-PORTS = iter(range(29700, 29800))
+# pytest-xdist workers (or sessions testing side by side, PYTEST_XDIST_WORKER=gwN) each get their own block
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+PORTS = iter(range(29700 + 1000 * _WORKER, 29800 + 1000 * _WORKER))
 
 
 def tiny_overrides(run_dir: str | Path, engine: str = "torch", iterations: int = 2) -> list[str]:

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -143,6 +144,30 @@ def sft_step_nll(hf_model, pairs, global_batch: int, seed: int) -> tuple[float, 
             nll -= float(sum(lsm[P - 1 + j, t] for j, t in enumerate(p.chosen_ids)))
             n += len(p.chosen_ids)
     return nll / n, n
+
+
+def kill_training_at(args: list[str], out_dir: Path, step: int, timeout_s: float = 240) -> None:
+    """Start `megatron-inpo train ARGS` under torchrun (2 ranks), SIGKILL the launcher and its workers once the
+    step checkpoint `step` of `out_dir` is complete (no clean-up code runs anywhere) and wait until every worker
+    is gone; fails if the training ended first (the kill test would be vacuous)."""
+    import psutil
+
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(next(PORTS)), *args]
+    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while not (out_dir / "checkpoints" / f"step_{step:08d}").exists():
+            assert p.poll() is None and time.time() < deadline, "training ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        workers = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        kill_tree(p.pid)
+        p.wait()
+        for pid in workers:
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.05)
+    assert not (out_dir / "train_result.json").exists(), "run finished before the kill: test is vacuous"
 
 
 def kill_tree(pid: int) -> None:

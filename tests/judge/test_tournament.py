@@ -104,7 +104,7 @@ def test_all_pairs_winrates_match_brute_force():
         P[(i, j)] = rng.random()
         P[(j, i)] = 1 - P[(i, j)]
     judge = ProgrammaticJudge(pref_fn=lambda p, a, b: P[(int(a), int(b))])
-    (sel,) = select_pairs([rollout("w", k)], judge, "all_pairs")
+    (sel,) = select_pairs([rollout("w", k)], judge, "all_pairs", winrate="others")
     rates = [sum(P[(i, j)] for j in range(k) if j != i) / (k - 1) for i in range(k)]
     assert judge.comparisons == all_pairs_comparisons(k) == 15 and judge.calls == 1
     assert sel.chosen == max(range(k), key=rates.__getitem__) and sel.rejected == min(range(k), key=rates.__getitem__)

@@ -1,66 +1,13 @@
-"""Preference objectives over per-sequence log-probabilities: INPO and the paper's baselines (DPO, IPO, SPPO).
-
-Every objective takes the summed response-token log-probs of a batch of pairs (y_w, y_l) under the trainable
-policy, the frozen reference pi_ref and the frozen previous iterate pi_t, and returns a loss and metrics. The
-frozen columns are precomputed by a forward-only pass (the authors' design), so training holds one model.
-
-INPO (arXiv 2407.00617, Eq. 8 sampled; Algorithm 1 line 5):
-    h    = [log pi(y_w) - log pi(y_l)] - (tau/eta) [log ref(y_w) - log ref(y_l)]
-                                       - (1 - tau/eta) [log pi_t(y_w) - log pi_t(y_l)]
-    loss = (h - 1/(2 eta))^2
-with 0 <= tau < eta (tau = 0 is the paper's "INPO w/o KL" ablation; at tau = eta pi_t would drop out).
-
-Baselines:
-    DPO  (sigmoid, iterative DPO of Dong et al. 2024): -log sigmoid(beta * z),  z = pi-margin - ref-margin
-    IPO  (Azar et al. 2024):                           (z - 1/(2 beta))^2
-    SPPO (Wu et al. 2024, as in uclaml/SPPO): with r_w = log pi(y_w) - log pi_t(y_w), r_l likewise,
-         0.5 [(r_w - (P(y_w > pi_t) - 1/2)/beta)^2 + (r_l - (P(y_l > pi_t) - 1/2)/beta)^2]
-         (SPPO's "reference" is the previous iterate pi_t; the win rates come from all-pairs judging).
-
-All functions are plain torch; nothing here imports Megatron.
-"""
+"""The objectives' losses in plain torch (see the package docstring for the formulas and their sources)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from megatron_inpo.config import ConfigError
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = "inpo"
-    """Objective to minimise: one of the names in OBJECTIVES ('inpo', 'inpo_nokl', 'dpo', 'ipo', 'sppo')."""
-    eta: float = 0.005
-    """INPO's OMD parameter eta (1/eta is the mirror-descent step size); the paper uses 0.005."""
-    tau: float = 0.005 / 3
-    """INPO's KL-regularisation strength tau towards pi_ref; the paper uses eta/3. 0 <= tau < eta."""
-    beta: float = 0.1
-    """Temperature of DPO / IPO / SPPO (SPPO's scripts use 0.001, i.e. a target scale 1/beta = 1000)."""
-
-    def validate(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise ConfigError(f"objective.name: unknown objective {self.name!r}; choose from {sorted(OBJECTIVES)}")
-        for key in ("eta", "tau", "beta"):
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"objective.{key}: must be a finite number, got {v!r}")
-        if self.name in ("inpo", "inpo_nokl"):
-            if self.eta <= 0:
-                raise ConfigError(f"objective.eta: must be > 0, got {self.eta}")
-            if self.tau < 0:
-                raise ConfigError(f"objective.tau: must be >= 0, got {self.tau}")
-            if self.name == "inpo" and self.tau >= self.eta:
-                raise ConfigError(
-                    f"objective.tau: INPO needs 0 <= tau < eta, got tau={self.tau} >= eta={self.eta} "
-                    "(the weight 1 - tau/eta on pi_t would be <= 0; did you swap tau and eta?)"
-                )
-        elif self.beta <= 0:
-            raise ConfigError(f"objective.beta: must be > 0, got {self.beta}")
+from megatron_inpo.objectives import NAMES, ObjectiveConfig
 
 
 @dataclass
@@ -135,17 +82,26 @@ def inpo_nokl_loss(cfg: ObjectiveConfig, lp: PairLogps) -> tuple[torch.Tensor, t
     return (h - 1.0 / (2.0 * cfg.eta)) ** 2, h
 
 
-def _ref_logits(lp: PairLogps) -> torch.Tensor:
-    return (lp.policy_chosen - lp.policy_rejected) - (lp.ref_chosen - lp.ref_rejected)
+def _anchor_logits(cfg: ObjectiveConfig, lp: PairLogps) -> torch.Tensor:
+    """z = pi-margin - anchor-margin, the anchor being pi_t ('last') or pi_ref ('ref') by cfg.dpo_anchor."""
+    if cfg.dpo_anchor == "last":
+        anchor = lp.last_chosen - lp.last_rejected
+    else:
+        anchor = lp.ref_chosen - lp.ref_rejected
+    return (lp.policy_chosen - lp.policy_rejected) - anchor
 
 
 def dpo_loss(cfg: ObjectiveConfig, lp: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    z = _ref_logits(lp)
+    """-log sigmoid(beta z) with z anchored on pi_t (dpo_anchor 'last', RLHFlow's current iterative DPO) or on
+    pi_ref ('ref'); sums of token log-probs."""
+    z = _anchor_logits(cfg, lp)
     return -F.logsigmoid(cfg.beta * z), z
 
 
 def ipo_loss(cfg: ObjectiveConfig, lp: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    z = _ref_logits(lp)
+    """(z - 1/(2 beta))^2 with DPO's z and anchor (dpo_anchor); z from SUMS of token log-probs, where TRL's
+    loss_type="ipo" uses per-token means (each sequence's log-prob divided by its length)."""
+    z = _anchor_logits(cfg, lp)
     return (z - 1.0 / (2.0 * cfg.beta)) ** 2, z
 
 
@@ -170,6 +126,7 @@ OBJECTIVES: dict[str, LossFn] = {
     "ipo": ipo_loss,
     "sppo": sppo_loss,
 }
+assert tuple(OBJECTIVES) == NAMES, "objectives.NAMES must list the registry (it answers without torch)"
 
 
 def per_pair_losses(cfg: ObjectiveConfig, lp: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
