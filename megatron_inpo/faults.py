@@ -4,6 +4,10 @@
 of a run directory (`fault_point`); a stage's points are named `<stage key>@<point>` (`StageFault`), e.g.
 `iter1/rollout@batch2` or `iter1/logprobs@release:sending`.
 
+A point named `<stage key>@<point>:kill-worker` (e.g. `iter1/train@checkpoint:kill-worker`) makes the driver
+SIGKILL the stage's process group instead of itself (`StageFault.take`): the persistent stage worker (or the
+stage subprocess) dies mid-stage while the driver lives on.
+
 A stage subprocess that the driver is about to kill at a point it watches for (a step checkpoint written, a
 log-prob chunk stored) is started with HOLD_ENV set: it then waits at that point instead of racing on, so the
 kill lands where the test says, not wherever the driver's polling happens to see it.
@@ -19,6 +23,8 @@ from typing import Callable
 
 FAULT_ENV = "MEGATRON_INPO_FAULT"
 HOLD_ENV = "MEGATRON_INPO_HOLD_AT_PROGRESS"
+KILL_STAGE = ":kill-worker"
+"""Suffix of a point at which the driver kills the stage's process group (the stage worker) instead of itself."""
 
 
 def fault_point(run_dir: str | Path, point: str) -> None:
@@ -43,6 +49,16 @@ def fault_pending(run_dir: str | Path, point: str) -> bool:
     return bool(wanted) and point in wanted.split(",") and not (Path(run_dir) / ".faults" / point.replace("/", "_")).exists()
 
 
+def take_fault(run_dir: str | Path, point: str) -> bool:
+    """True once for a listed `point` (marked fired here): the caller acts on it (kills the stage worker)."""
+    if not fault_pending(run_dir, point):
+        return False
+    marker = Path(run_dir) / ".faults" / point.replace("/", "_")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fired\n")
+    return True
+
+
 class StageFault:
     """The fault points of one driver stage (`key@point`); callable like fault_point, and able to say which are
     still pending, so a stage subprocess can be asked to hold where the kill is due (HOLD_ENV)."""
@@ -56,11 +72,20 @@ class StageFault:
     def pending(self, point: str) -> bool:
         return fault_pending(self.run_dir, f"{self.key}@{point}")
 
+    def take(self, point: str) -> bool:
+        return take_fault(self.run_dir, f"{self.key}@{point}")
+
 
 def pending(fault: Callable[[str], None], point: str) -> bool:
     """Whether the kill at `point` of this stage's fault hook is still due (False for a hook that cannot say)."""
     is_pending = getattr(fault, "pending", None)
     return bool(is_pending and is_pending(point))
+
+
+def take(fault: Callable[[str], None], point: str) -> bool:
+    """Whether the driver should act on `point` of this stage's fault hook now (once; False for a plain hook)."""
+    take_ = getattr(fault, "take", None)
+    return bool(take_ and take_(point))
 
 
 def no_fault(point: str) -> None:

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logprobs": ("megatron_inpo.cli.logprobs", "store log pi_ref / log pi_t of every pair of a preference file"),
     "rollout": ("megatron_inpo.cli.rollout", "sample K responses per prompt and judge them into preference pairs"),
 }
+# not listed by --help: started by the driver (launch.stage_runner 'persistent')
+HIDDEN: dict[str, tuple[str, str]] = {
+    "stage-worker": ("megatron_inpo.cli.stage_worker", "the persistent stage worker of a run (driver/worker.py)"),
+}
 
 
 def _usage() -> str:
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    if name in HIDDEN:
+        return importlib.import_module(HIDDEN[name][0]).main(rest)
     if name not in COMMANDS:
         print(f"megatron-inpo: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -75,9 +75,14 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     finally:
+        import os
+
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        from megatron_inpo.driver.worker import WORKER_ENV
+
+        # the persistent stage worker keeps its world for the next stage (driver/worker.py)
+        if dist.is_available() and dist.is_initialized() and not os.environ.get(WORKER_ENV):
             dist.destroy_process_group()
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
     return 0

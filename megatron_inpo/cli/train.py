@@ -58,7 +58,13 @@ def run_engine_stage(cmd: Command, argv: list[str] | None, fn: Callable[[Any], A
 
 
 def _shutdown() -> None:
+    """Megatron's groups and the torch.distributed world; in the persistent stage worker the world stays for the
+    next stage (driver/worker.py)."""
+    import os
+
     import torch.distributed as dist
+
+    from megatron_inpo.driver.worker import WORKER_ENV
 
     if dist.is_available() and dist.is_initialized():
         try:
@@ -66,7 +72,8 @@ def _shutdown() -> None:
 
             ps.destroy_model_parallel()
         finally:
-            dist.destroy_process_group()
+            if not os.environ.get(WORKER_ENV):
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
     loop.py      Driver.run(): Algorithm 1, stage by stage, resumable
     results.py   the typed result of each stage (what the manifest records)
     manifest.py  the run manifest (stages done, config digest)
-    stages.py    the policy stages behind one interface: MegatronStages (subprocesses) or TorchStages
-    launcher.py  a Megatron stage as a process group (one process, torchrun, one agent per node), its live line
+    stages.py    the policy stages behind one interface: MegatronStages (Megatron-Core) or TorchStages
+    launcher.py  a Megatron stage in the stage worker or as a process group (one process, torchrun, one agent per
+                 node), its log, timeout, live line
+    worker.py    the persistent stage worker (launch.stage_runner 'persistent'): both ends of its file protocol
     torch_stages.py   the in-process transformers reference stages
     report.py    the table and plot of a run
 """

@@ -66,6 +66,20 @@ class LaunchConfig:
     """launcher 'rdzv': host:port of the c10d rendezvous (the first node; expanded at launch)."""
     rdzv_id: str = "megatron-inpo"
     """launcher 'rdzv': rendezvous id shared by the agents of one stage (e.g. ${SLURM_JOB_ID})."""
+    stage_runner: str = AUTO
+    """How a Megatron stage runs: 'persistent': in one stage worker per run (driver/worker.py), started with the
+    same launch command at the first Megatron stage, which runs the stages in turn and keeps its imports (torch,
+    Megatron-Core: half a minute per start on 2 CPU cores) and its torch.distributed world; each stage's models,
+    optimizer and Megatron's groups are dropped after it, and the memory still held is reported. 'subprocess': a
+    fresh process (group) per stage. 'auto': persistent without CUDA, subprocess with CUDA. Outputs and
+    resumption are the same with either (tested bit for bit), so the field is not part of the run's identity.
+
+    Why subprocess on GPUs: there a stage of the models it is for runs minutes to hours and its start-up (imports,
+    NCCL set-up; checkpoint loading is paid by both) is a few per cent of it, while a worker holds, between stages,
+    its CUDA context and NCCL communicators on every GPU (about 0.5-1 GiB each; unmeasured here: no GPU) and
+    whatever the caching allocator cannot hand back, on GPUs whose memory SGLang servers get back in full
+    (server_memory_saver; their KV cache is planned on what is free when they start). A fresh process returns every
+    byte. On CPU, where the demo's stages last seconds and each start costs ~30-45 s, persistent is the default."""
 
     @property
     def world_size(self) -> int:
@@ -87,6 +101,16 @@ class LaunchConfig:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not (port.isdigit() or port.startswith("$")):
                 raise ConfigError(f"rdzv_endpoint: host:port, got {self.rdzv_endpoint!r}")
+        if self.stage_runner not in (AUTO, "persistent", "subprocess"):
+            raise ConfigError(f"stage_runner: 'auto', 'persistent' or 'subprocess', got {self.stage_runner!r}")
+
+    def resolved_stage_runner(self) -> str:
+        """'persistent' or 'subprocess' ('auto': persistent unless CUDA is visible here)."""
+        if self.stage_runner != AUTO:
+            return self.stage_runner
+        import torch
+
+        return "subprocess" if torch.cuda.is_available() else "persistent"
 
 
 @dataclass

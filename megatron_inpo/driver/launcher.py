@@ -1,9 +1,10 @@
-"""Starting a Megatron stage as a process group: one process, torchrun on one node, or one torchrun agent per
-node meeting at a c10d rendezvous (launch/slurm_inpo.sbatch); its log, timeout, and the reaping of what a killed
-driver left running.
+"""Starting a Megatron stage: in the run's persistent stage worker (driver/worker.py) or as a process group of its
+own: one process, torchrun on one node, or one torchrun agent per node meeting at a c10d rendezvous
+(launch/slurm_inpo.sbatch); its log, timeout, and the reaping of what a killed driver left running.
 
-    StageLauncher(launch, run_dir, timeout_s, show_progress).run(name, args, ...)
-    reap_orphan_stage(run_dir)      kill the leftover processes of the stage of a driver that was killed
+    StageLauncher(launch, run_dir, timeout_s, show_progress, notify).run(name, args, ...)   one stage
+    StageLauncher.close()           stop the stage worker (the driver's end)
+    reap_orphan_stage(run_dir)      kill the leftover processes of the stage / worker of a driver that was killed
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megatron_inpo.faults import HOLD_ENV
 from megatron_inpo.files import atomic_write_json
 
 RUNNING_FILE = "running_stage.json"
+WORKER_FILE = "stage_worker.json"
 STAGE_TOKEN_ENV = "MEGATRON_INPO_STAGE_TOKEN"
 
 
@@ -56,9 +58,14 @@ def _killpg(pgid: int) -> None:
 
 
 def reap_orphan_stage(run_dir: str | Path) -> str | None:
-    """Kill what is left of a stage subprocess group of a driver that was killed (torchrun workers outlive their
-    agent's SIGKILL); only a group whose leader still runs `megatron_inpo` is signalled. Returns its stage name."""
-    path = Path(run_dir) / RUNNING_FILE
+    """Kill what is left of a stage subprocess group or of the stage worker of a driver that was killed (torchrun
+    workers outlive their agent's SIGKILL); only a group whose members carry the stage's token is signalled.
+    Returns the names of what was killed ("stage worker", a stage), or None."""
+    killed = [name for f in (RUNNING_FILE, WORKER_FILE) if (name := _reap(Path(run_dir) / f))]
+    return ", ".join(killed) or None
+
+
+def _reap(path: Path) -> str | None:
     if not path.exists():
         return None
     info = json.loads(path.read_text())
@@ -89,10 +96,18 @@ class StageError(RuntimeError):
     """A stage failed; the message names the stage and its log file."""
 
 class StageLauncher:
-    """Runs `python -m megatron_inpo ARGS` as the launch config says; stdout/stderr go to <run_dir>/logs/<name>.log."""
+    """Runs `python -m megatron_inpo ARGS` as the launch config says, in the stage worker (launch.stage_runner
+    'persistent') or as a subprocess; stdout/stderr go to <run_dir>/logs/<name>.log either way. `notify` gets the
+    driver's lines about the worker (the memory it holds after each stage, a restart)."""
 
-    def __init__(self, launch: Any, run_dir: Path, timeout_s: float = 0.0, show_progress: bool = False) -> None:
+    def __init__(self, launch: Any, run_dir: Path, timeout_s: float = 0.0, show_progress: bool = False,
+                 notify: Callable[[str], None] | None = None) -> None:
         self.launch, self.run_dir, self.timeout_s, self.show_progress = launch, Path(run_dir), timeout_s, show_progress
+        self.notify = notify or (lambda line: None)
+        self.runner = ""  # resolved at the first stage (auto asks torch about CUDA)
+        self.worker: Any = None  # driver.worker.StageWorker, started at the first stage it runs
+        self._proc: subprocess.Popen | None = None  # the running stage subprocess
+        self._worker_token = ""
 
     def command(self, args: list[str], distributed: bool = True) -> list[str]:
         p = self.launch
@@ -111,23 +126,69 @@ class StageLauncher:
                     "--rdzv-id", os.path.expandvars(p.rdzv_id), "-m", "megatron_inpo", *args]
         return [*shlex.split(os.path.expandvars(p.launcher)), "-m", "megatron_inpo", *args]
 
-    def run(self, name: str, args: list[str], distributed: bool = True, watch: Callable[[], None] | None = None,
-            hold: bool = False, progress_file: str = "") -> None:
-        """Run one stage subprocess to completion; `watch` is called about twice a second while it runs (the
-        fault-injection tests kill the driver from there at a chosen moment of the stage), and so is the live line
-        that shows the stage's `progress_file` (engine.metrics.StageProgress) when progress is shown."""
-        cmd = self.command(args, distributed)
-        logs = self.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{name.replace('/', '_')}.log"
+    def in_worker(self, distributed: bool) -> bool:
+        """Whether a stage runs in the worker: with the persistent runner, every distributed stage, and the
+        one-process ones (convert) when the worker is one process too; else they keep a subprocess of their own."""
+        if not self.runner:
+            self.runner = self.launch.resolved_stage_runner()
+        return self.runner == "persistent" and (distributed or self.launch.world_size == 1)
+
+    def _env(self, token: str, hold: bool, port: bool = True) -> dict[str, str]:
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("MASTER_PORT", str(self.launch.master_port))
-        token = uuid.uuid4().hex
+        if port:
+            env.setdefault("MASTER_PORT", str(self.launch.master_port))
+        else:
+            env.pop("MASTER_PORT", None)
         env[STAGE_TOKEN_ENV] = token
         if hold:
             env[HOLD_ENV] = "1"
+        return env
+
+    def run(self, name: str, args: list[str], distributed: bool = True, watch: Callable[[], None] | None = None,
+            hold: bool | Callable[[], bool] = False, progress_file: str = "") -> None:
+        """Run one stage to completion; `watch` is called a few times a second while it runs (the fault-injection
+        tests kill the driver or the worker from there at a chosen moment of the stage), and so is the live line
+        that shows the stage's `progress_file` (engine.metrics.StageProgress) when progress is shown. `hold`
+        (or hold(), asked at each start of the stage): make the stage wait at its fault point (faults.HOLD_ENV)."""
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name.replace('/', '_')}.log"
+        holds = hold if callable(hold) else (lambda: hold)
+        line = _LiveLine(name, progress_file) if self.show_progress and progress_file else None
+        try:
+            if self.in_worker(distributed):
+                self._run_in_worker(name, args, log_path, _both(watch, line.refresh if line else None), holds)
+            else:
+                # a one-process stage beside a torchrun worker: an in-process store, not the worker's master port
+                port = distributed or self.runner != "persistent"
+                self._run_subprocess(name, self.command(args, distributed), log_path,
+                                     _both(watch, line.refresh if line else None), holds(), port)
+        finally:
+            if line is not None:
+                line.close()
+
+    def kill_stage(self) -> None:
+        """SIGKILL the running stage's process group: the worker's, or the stage subprocess's (fault tests)."""
+        if self.worker is not None and self.worker.alive():
+            _killpg(self.worker.pid)
+        elif self._proc is not None:
+            _killpg(self._proc.pid)
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop the stage worker, if one runs: every rank exits (within grace_s, else it is killed; 0: at once), and
+        what is left of its group is killed."""
+        if self.worker is not None:
+            self.worker.stop(grace_s)
+            self.worker = None
+            (self.run_dir / WORKER_FILE).unlink(missing_ok=True)
+
+    # -- one process group per stage ----------------------------------------------------------------------------
+    def _run_subprocess(self, name: str, cmd: list[str], log_path: Path, watch: Callable[[], None] | None,
+                        hold: bool, port: bool = True) -> None:
+        token = uuid.uuid4().hex
+        env = self._env(token, hold, port)
         timeout = self.timeout_s or None
         t0 = time.perf_counter()
         with open(log_path, "ab") as log:
@@ -135,12 +196,12 @@ class StageLauncher:
             log.flush()
             # Own process group (a timeout kills the whole stage, torchrun workers included) and a parent-death
             # signal: a SIGKILLed driver must not leave a stage running that its resumed run would start again.
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stage_preexec)
+            proc = self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 preexec_fn=_stage_preexec)
             atomic_write_json(self.run_dir / RUNNING_FILE, {"pid": proc.pid, "pgid": proc.pid, "stage": name,
                                                             "cmd": cmd, "token": token})
-            line = _LiveLine(name, progress_file) if self.show_progress and progress_file else None
             try:
-                rc = _wait(proc, timeout, _both(watch, line.refresh if line else None))
+                rc = _wait(proc, timeout, watch)
             except subprocess.TimeoutExpired:
                 _killpg(proc.pid)
                 proc.wait()
@@ -150,13 +211,74 @@ class StageLauncher:
                 proc.wait()
                 raise
             finally:
+                self._proc = None
                 (self.run_dir / RUNNING_FILE).unlink(missing_ok=True)
-                if line is not None:
-                    line.close()
         if rc != 0:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise StageError(f"stage {name} failed (exit {rc}) after {time.perf_counter() - t0:.1f} s; "
-                             f"log: {log_path}\n--- last lines ---\n{tail}")
+            raise _failed(name, f"exit {rc}", t0, log_path)
+
+    # -- the persistent stage worker ----------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        from megatron_inpo.driver.worker import StageWorker
+
+        token = uuid.uuid4().hex
+        directory = self.run_dir / "worker"
+        cmd = self.command(["stage-worker", "--dir", str(directory)], distributed=True)
+        self.worker = StageWorker(cmd, directory, self.run_dir / "logs" / "stage_worker.log", self.launch.world_size,
+                                  self._env(token, False), _stage_preexec)
+        self.worker.start()
+        # The worker outlives stages, so its record is its own file (a one-process stage may run beside it).
+        atomic_write_json(self.run_dir / WORKER_FILE, {"pid": self.worker.pid, "pgid": self.worker.pid,
+                                                        "stage": "stage worker", "cmd": cmd, "token": token})
+        self._worker_token = token
+
+    def _run_in_worker(self, name: str, args: list[str], log_path: Path, watch: Callable[[], None] | None,
+                       hold: Callable[[], bool]) -> None:
+        from megatron_inpo.driver.worker import WorkerDied, describe
+
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+        for attempt in (1, 2):
+            if self.worker is None or not self.worker.alive():
+                self.close(0)
+                self._start_worker()
+            n = self.worker.submit(name, args, log_path, self._env(self._worker_token, hold()))
+            try:
+                markers = self._wait_worker(n, deadline, watch)
+            except WorkerDied as e:
+                self.close(0)
+                if attempt == 2:
+                    raise _failed(name, f"{e}, twice", t0, log_path) from None
+                self.notify(f"  {name}: {e}; starting a new stage worker and sending the stage again (it resumes "
+                            "from its own progress)")
+                continue
+            except subprocess.TimeoutExpired:
+                self.close(0)
+                raise StageError(f"stage {name}: exceeded stage_timeout_s={self.timeout_s}; log: {log_path}") from None
+            except BaseException:  # Ctrl-C, a driver error: the stage must not run on
+                self.close(0)
+                raise
+            if markers[0]["rc"] != 0:  # the failing rank's: the worker is going down; the next stage starts anew
+                self.close()
+                raise _failed(name, f"exit {markers[0]['rc']}", t0, log_path)
+            self.notify(f"  {name}: the stage worker holds {describe(markers)} afterwards")
+            return
+
+    def _wait_worker(self, n: int, deadline: float | None, watch: Callable[[], None] | None) -> list[dict]:
+        while True:
+            markers = self.worker.poll(n)
+            if markers is not None:
+                return markers
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"request {n}", self.timeout_s)
+            if watch is not None:
+                watch()
+            time.sleep(0.1)
+
+
+def _failed(name: str, how: str, t0: float, log_path: Path) -> StageError:
+    tail = log_path.read_text(errors="replace")[-3000:]
+    return StageError(f"stage {name} failed ({how}) after {time.perf_counter() - t0:.1f} s; log: {log_path}\n"
+                      f"--- last lines ---\n{tail}")
 
 
 def _both(*fns: Callable[[], None] | None) -> Callable[[], None] | None:

@@ -125,6 +125,13 @@ class Driver:
 
     # -- Algorithm 1 ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        try:
+            return self._run()
+        finally:
+            if self.stages is not None:
+                self.stages.close()  # the persistent stage worker, if one runs
+
+    def _run(self) -> list[dict]:
         cfg = self.cfg
         self._start()
         files = self.stage("prepare", TaskFiles, self._prepare)
@@ -167,9 +174,13 @@ class Driver:
             self.out("engine auto: Megatron stages unavailable (" + ", ".join(missing_megatron_parts()) +
                      "); using the in-process torch reference stages")
         self.manifest.set_engine(self.engine)
-        self.out(f"policy stages: {self.engine}" + (" (Megatron-Core subprocesses)" if self.engine == "megatron"
-                                                     else " (in-process transformers reference)"))
-        self.stages = make_stages(self.engine, cfg, self.run_dir, self.progress)
+        if self.engine == "megatron":
+            how = {"persistent": "Megatron-Core, in one persistent stage worker",
+                   "subprocess": "Megatron-Core subprocesses"}[cfg.launch.resolved_stage_runner()]
+        else:
+            how = "in-process transformers reference"
+        self.out(f"policy stages: {self.engine} ({how})")
+        self.stages = make_stages(self.engine, cfg, self.run_dir, self.progress, notify=self.out)
 
     def _report(self, t: int, rollouts: Rollouts, pairs: Pairs, trained: TrainResult,
                 evaluation: EvalResult | None) -> dict:

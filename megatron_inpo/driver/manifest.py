@@ -21,7 +21,7 @@ with the differing fields named (a silently changed config would mix two experim
 
 The identity of a run is its resolved config less the fields that only say *where* things are or *how long to
 wait*, which cannot change any result (RESUME_MUTABLE): run_dir, stage_timeout_s, server_memory_saver, the launch
-ports / rendezvous address / node runner, and the transport of the SGLang clients (serving.pool.TRANSPORT_FIELDS
+ports / rendezvous address / node runner / stage runner, and the transport of the SGLang clients (serving.pool.TRANSPORT_FIELDS
 of rollout, judge and eval.judge: server_urls, api_key, timeouts, retries, back-off, concurrency). Everything else is part of
 it, including input paths (prompts, model.hf_path: the files there may differ) and batch sizes (numerics may).
 Its sha256 is recorded in the manifest ("identity_sha256"), so a run whose config.yaml was deleted still refuses a
@@ -51,7 +51,8 @@ FORMAT_VERSION = 1
 # Fields (dotted; a name covers everything below it) that may change between a run and its resumption: they say
 # where the run and its servers are, or how long to wait, and do not change any result.
 RESUME_MUTABLE = frozenset({"run_dir", "stage_timeout_s", "server_memory_saver", "launch.master_port",
-                            "launch.rdzv_endpoint", "launch.rdzv_id", "launch.node_runner"} |
+                            "launch.rdzv_endpoint", "launch.rdzv_id", "launch.node_runner",
+                            "launch.stage_runner"} |
                            {f"{section}.{f}" for section in ("rollout", "judge", "eval.judge")
                             for f in TRANSPORT_FIELDS})
 

@@ -1,9 +1,11 @@
 """The policy stages of one iteration behind one small interface, with two implementations:
 
-- MegatronStages: each stage is a subprocess (`python -m megatron_inpo convert|logprobs|train`, or torchrun /
+- MegatronStages: each stage is the command line `python -m megatron_inpo convert|logprobs|train` (torchrun /
   srun+torchrun for several processes; driver/launcher.py), handed its config objects whole as a YAML file
-  (engine/config.py: TrainStageConfig, LogprobStageConfig), so every byte of GPU memory is released between stages (SGLang servers
-  and training can then alternate on the same GPUs), and a crash of one stage never corrupts the driver.
+  (engine/config.py: TrainStageConfig, LogprobStageConfig). It runs in the run's persistent stage worker
+  (launch.stage_runner 'persistent', driver/worker.py: imports and the torch.distributed world paid once) or as a
+  subprocess of its own ('subprocess': every byte of GPU memory is released between stages, so SGLang servers and
+  training can alternate on the same GPUs); either way a crash of one stage never corrupts the driver.
   A policy is a megatron-inpo checkpoint directory (the checkpoint convention of engine/checkpoint.py).
 - TorchStages: the in-process transformers reference (driver/torch_stages.py). A policy is an HF directory.
 
@@ -15,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.faults import KILL_STAGE
 from megatron_inpo.faults import pending as _pending
+from megatron_inpo.faults import take as _take
 
 class PolicyStages(Protocol):
     def import_hf(self, hf_dir: Path, out: Path) -> Path: ...
@@ -25,6 +29,7 @@ class PolicyStages(Protocol):
                  fault: Callable[[str], None] = ...) -> Path: ...
     def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
               objective: Any = None) -> tuple[Path, dict]: ...
+    def close(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -34,6 +39,9 @@ class TorchStages:
 
     def import_hf(self, hf_dir: Path, out: Path) -> Path:
         return Path(hf_dir)
+
+    def close(self) -> None:
+        pass
 
     def export_hf(self, policy: Path, out: Path, dtype: str) -> Path:
         # A torch policy already is an HF directory (float32): the export is its copy, so run_dir/hf/pi_n exists
@@ -115,17 +123,20 @@ class _StepLog:
 
 # ---------------------------------------------------------------------------------------------------------------
 class MegatronStages:
-    """Megatron-Core stages as subprocesses (driver/launcher.py); stdout/stderr of each go to
-    <run_dir>/logs/<name>.log, and with `show_progress` the stage's progress is one live line in the terminal."""
+    """Megatron-Core stages in the stage worker or as subprocesses (driver/launcher.py); stdout/stderr of each go to
+    <run_dir>/logs/<name>.log, and with `show_progress` the stage's progress is one live line in the terminal.
+    `close()` stops the stage worker (the driver calls it at its end)."""
 
-    def __init__(self, cfg: Any, run_dir: Path, show_progress: bool = False) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, show_progress: bool = False,
+                 notify: Callable[[str], None] | None = None) -> None:
         from megatron_inpo.driver.launcher import StageLauncher
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.launcher = StageLauncher(cfg.launch, self.run_dir, cfg.stage_timeout_s, show_progress)
+        self.launcher = StageLauncher(cfg.launch, self.run_dir, cfg.stage_timeout_s, show_progress, notify)
         self.run = self.launcher.run
         self.command = self.launcher.command
+        self.close = self.launcher.close
 
     def _stage_config(self, name: str, stage: Any) -> Path:
         """Write a stage's config object, as it is, to stage_configs/<name>.yaml; the stage shows its progress
@@ -169,7 +180,8 @@ class MegatronStages:
                                  train=schedule,
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
         self.run(name, ["train", "--config", str(self._stage_config(name, stage))],
-                 watch=_checkpoint_watch(out_dir, fault), hold=_pending(fault, "checkpoint"),
+                 watch=_checkpoint_watch(out_dir, fault, self.launcher.kill_stage),
+                 hold=lambda: _pending(fault, "checkpoint") or _pending(fault, "checkpoint" + KILL_STAGE),
                  progress_file=stage.progress_file)
         return json.loads((out_dir / "train_result.json").read_text())
 
@@ -189,11 +201,14 @@ class MegatronStages:
         chunks = progress_dir(out)  # the engine's resumable chunk store
 
         def watch() -> None:
-            if chunks.exists() and any(f.is_file() for f in chunks.rglob("*")):
+            if _any_path(lambda: (f for f in chunks.rglob("*") if f.is_file())):
                 fault("running")
+                if _take(fault, "running" + KILL_STAGE):
+                    self.launcher.kill_stage()
 
         self.run(name, ["logprobs", "--config", str(self._stage_config(name, stage))], watch=watch,
-                 hold=_pending(fault, "running"), progress_file=stage.progress_file)
+                 hold=lambda: _pending(fault, "running") or _pending(fault, "running" + KILL_STAGE),
+                 progress_file=stage.progress_file)
         return out
 
     def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
@@ -230,17 +245,30 @@ def resolve_engine(engine: str) -> str:
     return "megatron" if not missing_megatron_parts() else "torch"
 
 
-def _checkpoint_watch(out_dir: Path, fault: Callable[[str], None]) -> Callable[[], None]:
+def _any_path(paths: Callable[[], Any]) -> bool:
+    """Whether the glob yields anything; False while the stage removes what it walks (its progress directory at
+    the end, an old step checkpoint): pathlib's glob raises FileNotFoundError for a directory that vanished."""
+    try:
+        return any(True for _ in paths())
+    except FileNotFoundError:
+        return False
+
+
+def _checkpoint_watch(out_dir: Path, fault: Callable[[str], None],
+                      kill_stage: Callable[[], None]) -> Callable[[], None]:
     def watch() -> None:  # the engine's step checkpoints: fault point 'checkpoint' once one is complete
-        if any((Path(out_dir) / "checkpoints").glob("step_*/megatron_inpo.json")):
+        if _any_path(lambda: (Path(out_dir) / "checkpoints").glob("step_*/megatron_inpo.json")):
             fault("checkpoint")
+            if _take(fault, "checkpoint" + KILL_STAGE):
+                kill_stage()
     return watch
 
 
-def make_stages(engine: str, cfg: Any, run_dir: Path, show_progress: bool = False) -> PolicyStages:
+def make_stages(engine: str, cfg: Any, run_dir: Path, show_progress: bool = False,
+                notify: Callable[[str], None] | None = None) -> PolicyStages:
     if engine == "torch":
         return TorchStages(cfg)
     if engine == "megatron":
-        return MegatronStages(cfg, run_dir, show_progress)
+        return MegatronStages(cfg, run_dir, show_progress, notify)
     raise ConfigError(f"engine: unknown engine {engine!r}")
 

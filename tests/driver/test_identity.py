@@ -23,7 +23,7 @@ def test_identity_leaves_out_location_fields(tmp_path):
     a = _cfg(tmp_path / "a")
     b = _cfg(tmp_path / "b", "--launch.master_port=29999", "--stage_timeout_s=60", "--server_memory_saver=true",
              "--rollout.server_urls=[http://x:1]", "--rollout.timeout_s=5", "--judge.max_retries=0",
-             "--launch.rdzv_endpoint=h:1")
+             "--launch.rdzv_endpoint=h:1", "--launch.stage_runner=subprocess")
     assert identity_digest(a) == identity_digest(b) and config_digest(a) != config_digest(b)
     assert "run_dir" not in identity(a) and "rollout.server_urls" not in identity(a)
     assert "rollout.sampling.temperature" in identity(a) and "launch.nproc_per_node" in identity(a)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers.driver import run_cli, tiny_overrides
+from tests.helpers.driver import run_cli, stage_processes_left, tiny_overrides
 from megatron_inpo.cli.run import resolve_config
 from megatron_inpo.driver.stages import MegatronStages, TorchStages, missing_megatron_parts
 
@@ -32,6 +32,13 @@ def test_megatron_logprob_and_train_stages_match_torch_reference(torch_run, tmp_
     and through the torch reference stages."""
     cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", engine="megatron", iterations=1))
     st = MegatronStages(cfg, tmp_path / "m")
+    try:
+        _logprob_and_train_stages_match(st, torch_run, tmp_path)
+    finally:
+        st.close()  # the stage worker (the persistent runner, CPU's default)
+
+
+def _logprob_and_train_stages_match(st, torch_run, tmp_path):
     ref_ckpt = st.import_hf(torch_run / "sft" / "model", tmp_path / "ref_mcore")
     pairs = torch_run / "iter_01" / "pairs.jsonl"
     out = tmp_path / "m" / "iter_01" / "pairs.logp.jsonl"
@@ -53,11 +60,12 @@ def test_megatron_logprob_and_train_stages_match_torch_reference(torch_run, tmp_
 
 @pytest.mark.slow
 @NEEDS
-def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path):
-    """engine=megatron, one iteration: SIGKILL the driver while the SFT, log-prob and training subprocesses run
-    (after their first step checkpoint / chunk) and after the eval; the stage children die with the driver
-    (parent-death signal), the resumed run continues from the engine's checkpoints, and the final policy equals
-    an uninterrupted run's bit for bit."""
+@pytest.mark.parametrize("runner", ["auto", "subprocess"])
+def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path, runner):
+    """engine=megatron, one iteration: SIGKILL the driver while the SFT, log-prob and training stages run (after
+    their first step checkpoint / chunk) and after the eval; the stage subprocesses or the stage worker (auto on
+    CPU: persistent) die with the driver (parent-death signal), the resumed run continues from the engine's
+    checkpoints, and the final policy equals an uninterrupted run's bit for bit."""
     import signal
 
     import torch
@@ -65,11 +73,12 @@ def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path):
     from tests.helpers.driver import tensors
 
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(a, engine="megatron", iterations=1)],
-                timeout=900)
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(a, engine="megatron", iterations=1),
+                 f"--launch.stage_runner={runner}"], timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     points = ["sft@checkpoint", "iter1/logprobs@running", "iter1/train@checkpoint", "iter1/eval@end"]
-    args = ["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(b, engine="megatron", iterations=1)]
+    args = ["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(b, engine="megatron", iterations=1),
+            f"--launch.stage_runner={runner}"]
     kills = 0
     for _ in range(len(points) + 2):
         r = run_cli(args, env={"MEGATRON_INPO_FAULT": ",".join(points)}, timeout=900)
@@ -90,23 +99,7 @@ def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path):
     log = (b / "logs" / "train_iter_01.log").read_text()
     assert "resuming from" in log  # the training stage continued from its step checkpoint
     # Nothing of a killed stage outlives the resumed run (dist_checkpointing's spawned helpers included).
-    assert _stage_processes_left() == []
-
-
-def _stage_processes_left():
-    import os
-
-    from megatron_inpo.driver.launcher import STAGE_TOKEN_ENV
-
-    left = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if any(v.startswith(STAGE_TOKEN_ENV.encode() + b"=") for v in f.read().split(b"\0")):
-                    left.append(int(pid))
-        except OSError:
-            continue
-    return left
+    assert stage_processes_left() == []
 
 
 def test_torch_stages_export_is_a_recorded_copy(tmp_path):

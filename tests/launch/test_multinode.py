@@ -99,14 +99,20 @@ def test_two_torchrun_agents_tp2_pp2_dp2_match_one_process(tmp_path):
 
     t0 = time.perf_counter()
     stages = MegatronStages(multi, tmp_path / "run_multi")
-    final, _ = stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_multi" / "iter_01" / "train",
-                            fault=lambda p: None)
+    try:
+        final, _ = stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_multi" / "iter_01" / "train",
+                                fault=lambda p: None)
+    finally:
+        stages.close()  # the stage worker, CPU's default runner: its 8 ranks exit
     t_multi = time.perf_counter() - t0
     log = (tmp_path / "run_multi" / "logs" / "train_iter_01.log").read_text()
     assert "launch/local_nodes.sh 2" in log and "--rdzv-endpoint" in log and "--nnodes 2" in log
     t0 = time.perf_counter()
-    MegatronStages(one, tmp_path / "run_one").train(data, tmp_path / "init_ckpt",
-                                                     tmp_path / "run_one" / "iter_01" / "train", fault=lambda p: None)
+    stages = MegatronStages(one, tmp_path / "run_one")
+    try:
+        stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_one" / "iter_01" / "train", fault=lambda p: None)
+    finally:
+        stages.close()
     t_one = time.perf_counter() - t0
 
     got, want = _losses(tmp_path / "run_multi/iter_01/train"), _losses(tmp_path / "run_one/iter_01/train")
