@@ -190,8 +190,15 @@ def test_sbatch_script_runs_a_tiny_inpo_run_to_the_end(slurm, tmp_path):
     assert (run_dir / "hf" / "pi_2" / "config.json").exists()  # the final policy, exported
     # every Megatron stage of the iteration went through the driver's multi-node launch inside the job
     job_id = proc.stdout.strip().split(";")[0]
+    # (the persistent stage worker, launch.stage_runner's CPU default, was started by that launch: each stage's log
+    # names the request, then the worker's launch command)
     for stage in ("sft", "logprobs_iter_01", "train_iter_01"):
-        first = (run_dir / "logs" / f"{stage}.log").read_text().splitlines()[1]
+        lines = (run_dir / "logs" / f"{stage}.log").read_text().splitlines()
+        assert lines[1].startswith(f"$ megatron-inpo {stage.split('_')[0] if stage != 'sft' else 'train'} ") \
+            and "[stage worker, pid" in lines[1], lines[1]
+        prefix = "# the stage worker was started as: "
+        assert lines[2].startswith(prefix), lines[2]
+        first = "$ " + lines[2][len(prefix):]
         assert first.startswith("$ srun --overlap --ntasks-per-node=1 --kill-on-bad-exit=1 "), first
         assert f"--nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint localhost:{port} " \
                f"--rdzv-id {job_id} -m megatron_inpo" in first, first
