@@ -27,33 +27,31 @@ KILL_STAGE = ":kill-worker"
 """Suffix of a point at which the driver kills the stage's process group (the stage worker) instead of itself."""
 
 
+def _marker(run_dir: str | Path, point: str) -> Path:
+    return Path(run_dir) / ".faults" / point.replace("/", "_")
+
+
 def fault_point(run_dir: str | Path, point: str) -> None:
     """Tests of killed runs: SIGKILL this process at `point` when MEGATRON_INPO_FAULT lists it (each point fires
     once per run directory, so the same command resumed passes it)."""
-    wanted = os.environ.get(FAULT_ENV, "")
-    if not wanted or point not in wanted.split(","):
-        return
-    marker = Path(run_dir) / ".faults" / point.replace("/", "_")
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("fired\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if take_fault(run_dir, point):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fault_pending(run_dir: str | Path, point: str) -> bool:
     """Whether `point` is listed in MEGATRON_INPO_FAULT and has not fired yet for this run directory."""
     wanted = os.environ.get(FAULT_ENV, "")
-    return bool(wanted) and point in wanted.split(",") and not (Path(run_dir) / ".faults" / point.replace("/", "_")).exists()
+    return bool(wanted) and point in wanted.split(",") and not _marker(run_dir, point).exists()
 
 
 def take_fault(run_dir: str | Path, point: str) -> bool:
-    """True once for a listed `point` (marked fired here): the caller acts on it (kills the stage worker)."""
+    """True once for a listed `point` (marked fired here): the caller acts on it (kills itself or the stage
+    worker)."""
     if not fault_pending(run_dir, point):
         return False
-    marker = Path(run_dir) / ".faults" / point.replace("/", "_")
+    marker = _marker(run_dir, point)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("fired\n")
     return True

@@ -3,7 +3,8 @@
 Win rate against pi_ref rewards exploiting pi_ref; INPO's claim (Theorem 4) is about the equilibrium. On the game
 task (`task.kind: game`, megatron_inpo/task/game.py) every quantity is exact:
 
-- pi(.|x) of a policy: one forward pass of its HF export (transformers, CPU, float32 weights) per batch of prompts,
+- pi(.|x) of a policy: one forward pass of its HF export (transformers, CPU, float32 weights; the export's digest
+  record checked first, as every reader of an export does) per batch of prompts,
   the softmax of the logits at the response position in float64, restricted to the N response tokens. The mass the
   policy puts outside them ("leaked": other words, EOS) is reported and the N-way distribution renormalised; on the
   game an out-of-set response loses to every in-set one, so the leak is pure loss and the table shows it.
@@ -85,7 +86,9 @@ def policy_distributions(hf_dir: str | Path, prompt_ids: Sequence[Sequence[int]]
     from transformers import AutoModelForCausalLM
 
     from megatron_inpo.data.batching import left_pad
+    from megatron_inpo.engine.trust import verify_export
 
+    verify_export(hf_dir)  # as every reader of an export: its digest record first
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     pad = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
     idx = torch.tensor(list(token_ids), dtype=torch.long)

@@ -27,14 +27,19 @@ WORKER_FILE = "stage_worker.json"
 STAGE_TOKEN_ENV = "MEGATRON_INPO_STAGE_TOKEN"
 
 
-def _stage_preexec() -> None:
-    os.setsid()
-    try:  # Linux: the stage's leader dies with the driver
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
+    except (OSError, AttributeError):
         pass
+
+
+def _stage_preexec() -> None:
+    os.setsid()
+    die_with_parent()  # the stage's leader dies with the driver
 
 
 def _wait(proc: subprocess.Popen, timeout: float | None, watch: Callable[[], None] | None) -> int:
@@ -50,7 +55,8 @@ def _wait(proc: subprocess.Popen, timeout: float | None, watch: Callable[[], Non
             watch()
 
 
-def _killpg(pgid: int) -> None:
+def killpg(pgid: int) -> None:
+    """SIGKILL a process group (a stage's, the stage worker's); one already gone is fine."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -87,7 +93,7 @@ def _reap(path: Path) -> str | None:
         except OSError:
             pass
     if ours:
-        _killpg(pgid)
+        killpg(pgid)
     path.unlink(missing_ok=True)
     return info.get("stage") if ours else None
 
@@ -172,9 +178,9 @@ class StageLauncher:
     def kill_stage(self) -> None:
         """SIGKILL the running stage's process group: the worker's, or the stage subprocess's (fault tests)."""
         if self.worker is not None and self.worker.alive():
-            _killpg(self.worker.pid)
+            killpg(self.worker.pid)
         elif self._proc is not None:
-            _killpg(self._proc.pid)
+            killpg(self._proc.pid)
 
     def close(self, grace_s: float = 30.0) -> None:
         """Stop the stage worker, if one runs: every rank exits (within grace_s, else it is killed; 0: at once), and
@@ -203,11 +209,11 @@ class StageLauncher:
             try:
                 rc = _wait(proc, timeout, watch)
             except subprocess.TimeoutExpired:
-                _killpg(proc.pid)
+                killpg(proc.pid)
                 proc.wait()
                 raise StageError(f"stage {name}: exceeded stage_timeout_s={timeout}; log: {log_path}") from None
             except BaseException:
-                _killpg(proc.pid)
+                killpg(proc.pid)
                 proc.wait()
                 raise
             finally:

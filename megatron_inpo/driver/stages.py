@@ -181,7 +181,7 @@ class MegatronStages:
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
         self.run(name, ["train", "--config", str(self._stage_config(name, stage))],
                  watch=_checkpoint_watch(out_dir, fault, self.launcher.kill_stage),
-                 hold=lambda: _pending(fault, "checkpoint") or _pending(fault, "checkpoint" + KILL_STAGE),
+                 hold=_hold_at(fault, "checkpoint"),
                  progress_file=stage.progress_file)
         return json.loads((out_dir / "train_result.json").read_text())
 
@@ -202,12 +202,10 @@ class MegatronStages:
 
         def watch() -> None:
             if _any_path(lambda: (f for f in chunks.rglob("*") if f.is_file())):
-                fault("running")
-                if _take(fault, "running" + KILL_STAGE):
-                    self.launcher.kill_stage()
+                _fire_at(fault, "running", self.launcher.kill_stage)
 
         self.run(name, ["logprobs", "--config", str(self._stage_config(name, stage))], watch=watch,
-                 hold=lambda: _pending(fault, "running") or _pending(fault, "running" + KILL_STAGE),
+                 hold=_hold_at(fault, "running"),
                  progress_file=stage.progress_file)
         return out
 
@@ -258,10 +256,20 @@ def _checkpoint_watch(out_dir: Path, fault: Callable[[str], None],
                       kill_stage: Callable[[], None]) -> Callable[[], None]:
     def watch() -> None:  # the engine's step checkpoints: fault point 'checkpoint' once one is complete
         if _any_path(lambda: (Path(out_dir) / "checkpoints").glob("step_*/megatron_inpo.json")):
-            fault("checkpoint")
-            if _take(fault, "checkpoint" + KILL_STAGE):
-                kill_stage()
+            _fire_at(fault, "checkpoint", kill_stage)
     return watch
+
+
+def _hold_at(fault: Callable[[str], None], point: str) -> Callable[[], bool]:
+    """The stage's `hold` (asked at each start of it): a kill of the driver or of the stage is due at `point`."""
+    return lambda: _pending(fault, point) or _pending(fault, point + KILL_STAGE)
+
+
+def _fire_at(fault: Callable[[str], None], point: str, kill_stage: Callable[[], None]) -> None:
+    """The stage reached `point`: the driver dies there (fault), or it kills the stage's process group."""
+    fault(point)
+    if _take(fault, point + KILL_STAGE):
+        kill_stage()
 
 
 def make_stages(engine: str, cfg: Any, run_dir: Path, show_progress: bool = False,

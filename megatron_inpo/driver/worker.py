@@ -126,11 +126,10 @@ class StageWorker:
         return failed[:1] or (found if len(found) == self.world_size else None)
 
     def kill(self) -> None:
+        from megatron_inpo.driver.launcher import killpg
+
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            killpg(self.proc.pid)
             self.proc.wait()
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -316,13 +315,10 @@ def _run_request(req: dict, rank: int, fresh: _FreshState) -> tuple[int, dict]:
 
 def _die_with_parent() -> int:
     """Parent-death signal for this rank (its agent, or the driver when it is the leader); the parent pid."""
-    parent = os.getppid()
-    try:
-        import ctypes
+    from megatron_inpo.driver.launcher import die_with_parent
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    parent = os.getppid()
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
     return parent

@@ -380,9 +380,8 @@ def split_micro_batches(indices: Sequence[int], lengths: Sequence[int] | dict, m
     return [[indices[j] for j in mb] for k, mb in enumerate(plan) if k % dp_size == dp_rank]
 
 
-def make_batches(items: Sequence[Any], micro_batches: list[list[int]], pad_multiple: int,
-                 uniform: bool = True) -> list[SequenceBatch]:
-    """SequenceBatch per micro-batch of SFT items or preference pairs, right-padded; all to one length when
-    `uniform` (the pipeline schedule's p2p shapes are per call), else each to its own longest sequence."""
-    S = round_up(max(item_length(items[i]) for mb in micro_batches for i in mb), pad_multiple) if uniform else None
+def make_batches(items: Sequence[Any], micro_batches: list[list[int]], pad_multiple: int) -> list[SequenceBatch]:
+    """SequenceBatch per micro-batch of SFT items or preference pairs, all padded to one length (the pipeline
+    schedule's p2p shapes are per call)."""
+    S = round_up(max(item_length(items[i]) for mb in micro_batches for i in mb), pad_multiple)
     return [make_item_batch(items, mb, False, pad_to=S, pad_multiple=pad_multiple) for mb in micro_batches]

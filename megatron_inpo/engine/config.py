@@ -159,8 +159,8 @@ class EngineConfig:
     """Pack the sequences of several pairs (or SFT sequences) into rows instead of padding each micro-batch
     (training, SFT and the log-prob pass). Rows hold up to train.max_seq_len tokens (the log-prob pass: the
     tokens of one padded micro-batch of the chunk), filled first-fit decreasing with whole pairs (a longer pair
-    gets a row of its own); each row is a micro-batch, attention and positions stay within each sequence (Megatron's THD PackedSeqParams: TE's varlen
-    attention, or per-sequence SDPA on the local spec). Exact: each sequence is computed as it would be alone
+    gets a row of its own); each row is a micro-batch, attention and positions stay within each sequence
+    (Megatron's THD PackedSeqParams: TE's varlen attention, or per-sequence SDPA on the local spec). Exact: each sequence is computed as it would be alone
     (bit for bit on CPU); log-probs, loss and gradients equal the padded path to float32 rounding (tested at TP=1,
     TP=2, PP=2, DP=2). On by default because it is also faster: `tools/bench_train.py --lengths lognormal`
     (cpu-small, lengths lognormal with median max_seq_len/8) measured 1.43x the real-token throughput of padded
@@ -172,16 +172,22 @@ class EngineConfig:
     def validate(self) -> None:
         if not isinstance(self.packing, bool):
             raise ConfigError(f"packing: must be true or false, got {self.packing!r}")
-        if self.packing and self.model.layer_spec == "local" and self.model.attention != "sdpa":
+        self._check_packing(self.model.layer_spec)
+
+    def _check_packing(self, layer_spec: str) -> None:
+        """Packing on the local spec needs our SDPA core attention (Megatron's unfused one has no packed path);
+        called with the configured spec here and with 'auto' resolved at launch (validate_runtime)."""
+        if self.packing and layer_spec == "local" and self.model.attention != "sdpa":
             raise ConfigError(f"packing: needs model.attention 'sdpa' on the local layer spec (Megatron's "
                               f"{self.model.attention!r} attention has no packed-sequence path); or set packing false")
 
     def validate_runtime(self, world_size: int, cuda: bool) -> int:
         """Checks that need the launch; returns the data-parallel size."""
         dp = self.parallel.data_parallel_size(world_size)
-        if self.packing and self.model.attention != "sdpa" and self.model.resolved_layer_spec() == "local":
-            raise ConfigError(f"megatron.packing: needs megatron.model.attention 'sdpa' on the local layer spec "
-                              f"(got {self.model.attention!r}); or set packing false")
+        try:
+            self._check_packing(self.model.resolved_layer_spec())
+        except ConfigError as e:
+            raise ConfigError(f"megatron.{e}") from None
         if not cuda:
             # bf16 is allowed on CPU: Megatron's bf16 optimizers (fp32 master weights) run under gloo, which is how
             # the CPU suite tests the mixed-precision path; it is slower than fp32 there.

@@ -260,7 +260,7 @@ def packed_seq_params(batch):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = batch.cu_seqlens.to(device=batch.tokens.device, dtype=torch.int32)
-    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    longest = max(batch.segment_lengths)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                              max_seqlen_kv=longest)
     check_packed_seq_params(params, batch.tokens.numel(), batch_rows=int(batch.tokens.shape[0]))

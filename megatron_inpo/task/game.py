@@ -25,14 +25,13 @@ itself, not from q_x.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.task.vocab import BOS, EOS, PAD, SEP, SPECIAL
+from megatron_inpo.task.vocab import BOS, SEP, SPECIAL
 
 if TYPE_CHECKING:
     from megatron_inpo.task.synthetic import TaskConfig
@@ -194,14 +193,10 @@ def build_tokenizer(out_dir: str | Path):
 
 
 def hf_config_dict(cfg: "TaskConfig") -> dict:
-    """config.json of the tiny Llama over the game vocabulary."""
-    return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(WORDS), hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=16, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        bos_token_id=word_id(BOS), eos_token_id=word_id(EOS), pad_token_id=word_id(PAD), torch_dtype="float32",
-    )
+    """config.json of the tiny Llama over the game vocabulary (16 positions: a prompt and one response token)."""
+    from megatron_inpo.task import synthetic
+
+    return synthetic.hf_config_dict(cfg, WORDS, positions=16)
 
 
 def validate(cfg: "TaskConfig") -> None:

@@ -129,14 +129,15 @@ def build_tokenizer(out_dir: str | Path, words: list[str] = WORDS, model_max_len
     return fast
 
 
-def hf_config_dict(cfg: TaskConfig) -> dict:
-    """config.json of the tiny Llama (vocabulary = the task's words)."""
+def hf_config_dict(cfg: TaskConfig, words: list[str] = WORDS, positions: int = 64) -> dict:
+    """config.json of the tiny Llama (vocabulary = the task's `words`, `positions` positions)."""
     return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(WORDS), hidden_size=cfg.hidden_size,
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=len(words), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
-        bos_token_id=word_id(BOS), eos_token_id=word_id(EOS), pad_token_id=word_id(PAD), torch_dtype="float32",
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=positions, rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        bos_token_id=words.index(BOS), eos_token_id=words.index(EOS), pad_token_id=words.index(PAD),
+        torch_dtype="float32",
     )
 
 
