@@ -11,9 +11,13 @@
       # prints POLICY_MEM_FRACTIONS=...  JUDGE_MEM_FRACTIONS=... (shell assignments) and a table on stderr
 
 Servers bind 127.0.0.1 unless --host says otherwise; server i gets port base+i and GPUs [i*tp, (i+1)*tp).
---api-key env:VAR starts them with SGLang's --api-key set to $VAR (every call but /health then needs
+--api-key env:VAR starts them with SGLang's --api-key set to $VAR (every call but /health and /ready then needs
 `Authorization: Bearer $VAR`; the clients read it with rollout.api_key / judge.api_key = env:VAR); servers
 reachable beyond this machine (--host other than 127.0.0.1) should always have one.
+Servers start with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, so their /health only says the process is alive
+(by default SGLang answers it with a one-token generation, which crashes a server whose memory the driver has
+released); `start` waits for /ready, then proves each server generates once (/health_generate); `status` asks
+/ready only.
 --mem-fraction takes one value or one per server (comma-separated). `plan` computes them with SGLang's own
 KV-cache rule from the models' config.json and the GPUs' free memory (nvidia-smi, or --gpu-memory-gib), and
 exits with status 2 and a message naming the server when one would get less KV cache than one batch at full
@@ -38,21 +42,24 @@ POLICY_MIN_KV_TOKENS = 8 * 4096
 JUDGE_MIN_KV_TOKENS = 2 * 2 * 4096
 
 
-def _gpu_free_gib() -> float:
-    """The smallest free memory over the visible GPUs (every server of the plan must fit on the fullest one)."""
+def _gpu_memory_gib() -> tuple[float, float]:
+    """(free, total) GiB: the smallest over the visible GPUs (every server of the plan must fit on the fullest one;
+    SGLang sizes its runtime reserve from nvidia-smi's memory.total, the smallest too)."""
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=60, check=True).stdout
-        return min(float(x) for x in out.split()) / 1024  # MiB
-    except (OSError, subprocess.SubprocessError, ValueError):
+        rows = [[float(x) for x in line.split(",")] for line in out.splitlines() if line.strip()]
+        return min(r[0] for r in rows) / 1024, min(r[1] for r in rows) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         pass
     try:
         import torch
 
         if torch.cuda.is_available():
-            return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) / (1 << 30)
+            info = [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
+            return min(f for f, _ in info) / (1 << 30), min(t for _, t in info) / (1 << 30)
     except ImportError:
         pass
     raise SystemExit("plan: no GPU found (nvidia-smi, torch.cuda); pass --gpu-memory-gib")
@@ -135,9 +142,14 @@ def plan(args: argparse.Namespace) -> int:
         for i, f in enumerate(fractions(args.judge_mem_fraction, n_judge, "--judge-mem-fraction")):
             slots.append(ServerSlot(f"judge {i}", jm, jgpus[i * args.judge_tp:(i + 1) * args.judge_tp],
                                     args.judge_min_kv_tokens, f))
-    gib = args.gpu_memory_gib or _gpu_free_gib()
+    if args.gpu_memory_gib:
+        gib, total = args.gpu_memory_gib, args.gpu_total_gib or args.gpu_memory_gib
+    else:
+        gib, total = _gpu_memory_gib()
+        total = args.gpu_total_gib or total
     try:
-        plans = plan_server_memory(slots, gib, args.runtime_reserve_gib)
+        plans = plan_server_memory(slots, gib, args.runtime_reserve_gib, gpu_total_gib=total,
+                                   chunked_prefill_size=args.chunked_prefill_size)
     except ConfigError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
@@ -191,10 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--dtype", default="auto", help="sglang --dtype of the servers")
     pl.add_argument("--gpu-memory-gib", type=float, default=0.0,
                     help="free memory per GPU before the servers start (default: nvidia-smi)")
+    pl.add_argument("--gpu-total-gib", type=float, default=0.0,
+                    help="total memory per GPU, which sizes SGLang's runtime reserve (default: nvidia-smi, or "
+                         "--gpu-memory-gib)")
+    pl.add_argument("--chunked-prefill-size", type=int, default=None,
+                    help="the servers' --chunked-prefill-size (default: SGLang's for the GPU size: 8192 on 60-160 GiB)")
     pl.add_argument("--runtime-reserve-gib", type=float, default=None,
-                    help="per-server activations / CUDA graphs (default: SGLang's own 10 GiB floor on >60 GiB GPUs)")
+                    help="per-server activations / CUDA graphs, overriding SGLang's own rule (default: that rule "
+                         "for the GPU size, the server's TP and the chunked-prefill size; 13.6 GiB on an 80 GiB GPU "
+                         "at TP1, at least 10 GiB on GPUs over 60 GiB; serving/memory_plan.py)")
     for p in (st, sub.add_parser("stop", help="stop recorded servers"),
-              sub.add_parser("status", help="health of recorded servers")):
+              sub.add_parser("status", help="whether recorded servers are up and ready (GET /ready: never "
+                                            "generates, safe on servers whose memory is released)")):
         p.add_argument("--state", required=True, help="JSON file recording the servers")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -231,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {stop_servers(args.state)} server(s)")
         return 0
     servers = read_state(args.state)
+    # SGLangPool.health asks /ready, which needs no API key and never generates: the servers may be between a
+    # release and a resume of their memory (server_memory_saver), where a generation would crash them
     health = SGLangPool([s["url"] for s in servers], timeout_s=10.0, max_retries=0).health()
     print(json.dumps([{"url": s["url"], "pid": s["pid"], "healthy": h} for s, h in zip(servers, health)], indent=1))
     return 0 if all(health) else 1

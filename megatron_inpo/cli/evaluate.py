@@ -5,8 +5,9 @@ r"""`megatron-inpo evaluate`: win rate of one policy against another on held-out
         [--out DIR] [--samples 1] [--max-new-tokens 256] [--temperature 1.0] [--seed 4242] [--limit N]
         [--config rollout.yaml] [--key=value | key=value ...]
 
-The config is the RolloutConfig of both policies' sampling (default: local engine, no chat template; --config,
-alias --rollout-config, is a RolloutConfig YAML); overrides name its fields. See megatron_inpo/evaluate.py for
+The config is the RolloutConfig of both policies' sampling (default: local engine; prompts go through the
+tokenizer's chat template when it has one, as in `rollout` and `run`; --config, alias --rollout-config, is a
+RolloutConfig YAML); overrides name its fields. See megatron_inpo/evaluate.py for
 how responses are judged and what is written to --out.
 """
 from __future__ import annotations
@@ -39,10 +40,8 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _base(args: argparse.Namespace) -> RolloutConfig:
-    # Without a rollout YAML: the local engine on raw prompts; a YAML starts from RolloutConfig's own defaults.
-    if getattr(args, "config", None):
-        return RolloutConfig(model_path=getattr(args, "policy", "") or "")
-    return RolloutConfig(model_path=getattr(args, "policy", "") or "", chat_template=False)
+    # RolloutConfig's own defaults (the chat template on when the tokenizer has one, as in every command)
+    return RolloutConfig(model_path=getattr(args, "policy", "") or "")
 
 
 def command() -> Command:

@@ -9,7 +9,8 @@ A command's config is a dataclass. The command line resolves it in one order, th
 4. `validate()` of the config and of every nested section;
 5. `--print-config`: print the resolved config as YAML and exit 0.
 
-`--help` lists every field (dotted name) with the first line of its docstring. A config error exits 2 with
+`--help` lists every field (dotted name) with the first line of its docstring and, for a field with a fixed set
+of values (a Literal annotation, or `metadata={"values": ...}` on the dataclass field), those values. A config error exits 2 with
 `megatron-inpo CMD: config error: ...`. Nothing here imports torch or Megatron-Core; commands import their
 heavy modules inside their body.
 
@@ -74,8 +75,34 @@ class Command:
     """Other spellings of --config kept for older command lines (e.g. --rollout-config)."""
 
 
+def allowed_values(f: Any, hint: Any) -> tuple | None:
+    """The fixed values a config field takes: its Literal annotation's (None allowed when Optional), else the
+    dataclass field's metadata["values"]; None for a free field."""
+    import typing
+
+    values = f.metadata.get("values") if f.metadata else None
+    if values:
+        return tuple(values)
+    args = typing.get_args(hint) if (typing.get_origin(hint) is typing.Union
+                                     or str(typing.get_origin(hint)) == "<class 'types.UnionType'>") else (hint,)
+    out: list = []
+    for a in args:
+        if typing.get_origin(a) is typing.Literal:
+            out += list(typing.get_args(a))
+        elif a is type(None):
+            continue
+        else:
+            return None
+    return tuple(out) or None
+
+
+def _show_values(values: tuple) -> str:
+    return "values: " + ", ".join(repr(v) if v == "" else str(v) for v in values)
+
+
 def field_docs(cls: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted field name, first line of its docstring) for a config dataclass and its nested ones."""
+    """(dotted field name, first line of its docstring [+ its allowed values]) for a config dataclass and its
+    nested ones."""
     import ast
     import dataclasses
     import inspect
@@ -102,7 +129,11 @@ def field_docs(cls: Any, prefix: str = "") -> list[tuple[str, str]]:
         if dataclasses.is_dataclass(hints[f.name]):
             out += field_docs(hints[f.name], f"{prefix}{f.name}.")
         else:
-            out.append((prefix + f.name, docs.get(f.name, "")))
+            text = docs.get(f.name, "")
+            values = allowed_values(f, hints[f.name])
+            if values:
+                text = f"{text} [{_show_values(values)}]" if text else f"[{_show_values(values)}]"
+            out.append((prefix + f.name, text))
     return out
 
 

@@ -52,12 +52,24 @@ class RolloutStageConfig:
     """INPO iteration t (recorded in every pair; part of the sampling seed)."""
     model_version: str = ""
     """Name of the policy checkpoint (recorded in every pair); default: rollout.model_path."""
-    batch_size: int = 64
-    """Prompts per generate -> judge -> append step (the unit of resumption)."""
+    batch_size: int = 0
+    """Prompts per generate -> judge -> append step: the unit of resumption and of progress (each batch's pairs are
+    on disk when it ends). 0: one engine batch, so that output appears early without slowing generation:
+    rollout.max_batch_sequences // rollout.sampling.n prompts for the local engine (at least 1),
+    rollout.concurrency x rollout.request_prompts for SGLang."""
     limit: int = 0
     """Use only the first `limit` prompts (0: all)."""
     wait_healthy_s: float = 600.0
     """SGLang: wait this long for every server's /health before starting."""
+
+    def prompts_per_batch(self) -> int:
+        """batch_size, or (0) the prompts of one engine batch (see batch_size)."""
+        if self.batch_size:
+            return self.batch_size
+        r = self.rollout
+        if r.backend == "sglang":
+            return max(1, r.concurrency * r.request_prompts)
+        return max(1, r.max_batch_sequences // max(1, r.sampling.n))
 
     def validate(self) -> None:
         from megatron_inpo.judge.tournament import METHODS, check_method, resolve_method
@@ -66,8 +78,8 @@ class RolloutStageConfig:
             raise ConfigError(f"method: must be auto, tournament, best_worst or all_pairs, got {self.method!r}")
         if self.iteration < 1:
             raise ConfigError(f"iteration: must be >= 1, got {self.iteration}")
-        if self.batch_size < 1 or self.limit < 0:
-            raise ConfigError("batch_size must be >= 1 and limit >= 0")
+        if self.batch_size < 0 or self.limit < 0:
+            raise ConfigError("batch_size must be >= 0 (0: one engine batch) and limit >= 0")
         check_method(resolve_method(self.method, self.judge.kind), self.rollout.sampling.n)
 
 
@@ -92,7 +104,8 @@ def recipes() -> dict[str, Callable[[], RolloutStageConfig]]:
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="prompt JSONL: {\"id\", \"prompt\", ...} per line")
     p.add_argument("--out", required=True, help="preference JSONL to append to (resumed if it exists)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one line per prompt batch instead (prompts done, pairs, tokens/s, ETA)")
 
 
 def command() -> Command:
@@ -127,7 +140,7 @@ def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
             _wait_healthy(engine.pool, cfg.wait_healthy_s)  # type: ignore[attr-defined]
         stats = generate_preferences(prompts, engine, judge, out, method=cfg.method, iteration=cfg.iteration,
                                      model_version=cfg.model_version or cfg.rollout.model_path,
-                                     batch_size=cfg.batch_size, progress=not args.no_progress)
+                                     batch_size=cfg.prompts_per_batch(), progress=not args.no_progress)
     finally:
         engine.close()
         judge.close()

@@ -144,12 +144,13 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
     metadata (the checkpoint keys are the same for the local and the TE spec). verify_digests: check the digest
     record of an export of this project first (None: unless MEGATRON_INPO_NO_VERIFY=1; see engine/trust.py).
     """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.core import save_config
     from megatron.core.dist_checkpointing.strategies.torch import (
         _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
     from torch.distributed import checkpoint as dcp
     from tqdm import tqdm
 
+    from megatron_inpo.engine import compat
     from megatron_inpo.engine.parallel import init_distributed
     from megatron_inpo.files import atomic_directory, atomic_write_json
 
@@ -242,7 +243,10 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
             lazy.add(f"output.{r}", M.OUTPUT, (vp // tp, H), [(0, r, tp)], vocab_rows(M.HF_LM_HEAD, r))
 
     init_distributed()  # DCP's sharded-tensor types need a process group (a world of 1 here)
-    sharded, _, _ = _replace_state_dict_keys_with_sharded_keys({"model": lazy.state})
+    # the (empty) common state in the layout of the installed release (engine/compat.py, difference 2)
+    common_entry = compat.common_state_entry({})
+    sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(
+        {"model": lazy.state, **({compat.COMMON_ENTRY: common_entry} if common_entry is not None else {})})
     pyt_sd = mcore_to_pyt_state_dict(sharded, False)
     bar = tqdm(total=lazy.nbytes, unit="B", unit_scale=True, desc=f"hf->mcore tp={tp} pp={pp}",
                disable=not progress)
@@ -251,8 +255,9 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
     with atomic_directory(mcore_dir, overwrite=overwrite) as tmp:
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1, sync_files=True)
         dcp.save(pyt_sd, storage_writer=writer, planner=planner)
-        torch.save({}, tmp / "common.pt")
-        save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(tmp))
+        if common_entry is None:
+            torch.save({}, tmp / compat.COMMON_FILE)
+        save_config(compat.checkpointing_config(), str(tmp))
         tok_files = tokenizer_files(hf_dir)
         if tok_files:
             (tmp / "tokenizer").mkdir()

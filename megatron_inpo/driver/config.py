@@ -22,16 +22,21 @@ AUTO = "auto"
 ETA_SCHEDULES = ("constant", "theorem4")
 
 
+def one_of(default: str, *values: str):
+    """A str field with a fixed set of values: `--help` lists them (cli/loader.allowed_values); validate() checks."""
+    return field(default=default, metadata={"values": values})
+
+
 @dataclass
 class ModelConfig:
     """Where pi_ref (the SFT policy, also pi_1) comes from."""
 
-    source: str = "synthetic"
+    source: str = one_of("synthetic", "synthetic", "hf")
     """'synthetic': build the synthetic task and make pi_ref by a short SFT of a random tiny Llama on it;
     'hf': start from an SFT Hugging Face checkpoint (hf_path), e.g. RLHFlow/LLaMA3-SFT."""
     hf_path: str = ""
     """HF directory of the SFT model (source 'hf'): config.json, safetensors, tokenizer files."""
-    export_dtype: str = "bfloat16"
+    export_dtype: str = one_of("bfloat16", "bfloat16", "float32", "float16")
     """dtype of the HF export of each pi_t that the rollout engine loads ('bfloat16', 'float32', 'float16')."""
 
     def validate(self) -> None:
@@ -51,8 +56,11 @@ class LaunchConfig:
     """Processes (GPUs) per node for the Megatron stages; data-parallel size = world / (TP x PP)."""
     nnodes: int = 1
     """Nodes of the Megatron stages (multi-node needs `launcher` with a rendezvous, see launch/)."""
-    master_port: int = 29700
-    """torchrun --master-port of single-node launches."""
+    master_port: int = 0
+    """Port of the torch.distributed store of single-node launches (torchrun --master-port; MASTER_PORT of one
+    process). 0: a free port picked at each start of the stage worker or of a stage, so runs side by side on one
+    machine never clash; another number is that port, checked free before start (a clash is an error naming
+    this field). Not used by launcher 'rdzv' (rdzv_endpoint)."""
     launcher: str = AUTO
     """'auto': `python -m megatron_inpo` for one process, `torchrun --standalone` for one node; 'rdzv': several
     nodes, `node_runner` starts one torchrun agent per node and the agents meet at `rdzv_endpoint` (c10d
@@ -66,7 +74,7 @@ class LaunchConfig:
     """launcher 'rdzv': host:port of the c10d rendezvous (the first node; expanded at launch)."""
     rdzv_id: str = "megatron-inpo"
     """launcher 'rdzv': rendezvous id shared by the agents of one stage (e.g. ${SLURM_JOB_ID})."""
-    stage_runner: str = AUTO
+    stage_runner: str = one_of(AUTO, AUTO, "persistent", "subprocess")
     """How a Megatron stage runs: 'persistent': in one stage worker per run (driver/worker.py), started with the
     same launch command at the first Megatron stage, which runs the stages in turn and keeps its imports (torch,
     Megatron-Core: half a minute per start on 2 CPU cores) and its torch.distributed world; each stage's models,
@@ -89,8 +97,9 @@ class LaunchConfig:
         for name in ("nproc_per_node", "nnodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not 1024 <= self.master_port <= 65535:
-            raise ConfigError(f"master_port: must be a port number, got {self.master_port}")
+        if not (self.master_port == 0 or 1024 <= self.master_port <= 65535):
+            raise ConfigError(f"master_port: must be 0 (a free port) or a port number 1024-65535, got "
+                              f"{self.master_port}")
         if self.nnodes > 1 and self.launcher == AUTO:
             raise ConfigError("launcher: nnodes > 1 needs launcher 'rdzv' (one torchrun agent per node, c10d "
                               "rendezvous; see launch/slurm_inpo.sbatch) or an explicit command prefix")
@@ -119,15 +128,15 @@ class AlgorithmConfig:
 
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Loss: inpo (default), inpo_nokl (the w/o-KL ablation), dpo (iterative DPO), ipo, sppo."""
-    selection: str = AUTO
+    selection: str = one_of(AUTO, AUTO, "tournament", "best_worst", "all_pairs")
     """How K responses become a pair: 'auto' (all_pairs for sppo, else tournament for pairwise judges and
     best_worst for reward models), 'tournament', 'best_worst' or 'all_pairs'."""
-    eta_schedule: str = "constant"
+    eta_schedule: str = one_of("constant", *ETA_SCHEDULES)
     """eta of each iteration: 'constant' = objective.eta; 'theorem4' = the paper's Theorem 4 schedule
     eta_t = tau (t + 2) / 2 for t = 1..T (tau = objective.tau; objective.eta is then not trained with, though still
     checked to exceed tau), under which KL(pi*, pi_T) <= 32 C^2 / (tau^2 (T + 1)): the last iterate converges to
     the Nash policy. theorem4 needs objective inpo with tau > 0."""
-    sppo_winrate: str = "uclaml"
+    sppo_winrate: str = one_of("uclaml", "uclaml", "others")
     """The all-pairs win rate of a response (SPPO's target): 'uclaml' = mean of P(y_i beats y_j) over all K
     responses j with itself counted at 1/2 (uclaml/SPPO compute_prob.py); 'others' = the mean over the other K - 1
     (this project's earlier definition; uclaml - 1/2 = (K - 1)/K x (others - 1/2), so the same pair is chosen)."""
@@ -207,7 +216,7 @@ class RunConfig:
     """Seed of training data order, Megatron RNG and (via rollout.sampling.seed) sampling."""
     iterations: int = 3
     """T, the number of INPO iterations (paper: 3)."""
-    engine: str = "megatron"
+    engine: str = one_of("megatron", "megatron", "torch", AUTO)
     """'megatron': Megatron-Core stages as subprocesses (convert, logprobs, train); 'torch': the in-process
     transformers reference stages (CPU demo / fallback; driver/torch_stages.py); 'auto': megatron when
     megatron-core, the engine and the converter are installed, else torch (the choice is recorded in the

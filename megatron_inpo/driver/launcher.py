@@ -5,6 +5,13 @@ own: one process, torchrun on one node, or one torchrun agent per node meeting a
     StageLauncher(launch, run_dir, timeout_s, show_progress, notify).run(name, args, ...)   one stage
     StageLauncher.close()           stop the stage worker (the driver's end)
     reap_orphan_stage(run_dir)      kill the leftover processes of the stage / worker of a driver that was killed
+    master_port(configured)         the port of torch.distributed's store: a free one (0), or the configured one
+                                    checked free before anything starts
+
+Ports: the stage worker holds its torch.distributed store's port (launch.master_port) for the whole run, so a
+second run on the same machine with the same port would fail with EADDRINUSE. launch.master_port 0 (the default)
+picks a free port at each start of the worker or of a stage process group; a configured port is checked before
+start, and a clash (checked, or hit in a stage's log) is a ConfigError naming launch.master_port (exit 2).
 """
 from __future__ import annotations
 
@@ -101,6 +108,60 @@ def _reap(path: Path) -> str | None:
 class StageError(RuntimeError):
     """A stage failed; the message names the stage and its log file."""
 
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the kernel's pick; the store binds it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether binding `port` fails now. SO_REUSEADDR as torch's store sets it: a port left in TIME_WAIT by a
+    finished stage is free, one a listening store holds is not."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def master_port(configured: int) -> int:
+    """launch.master_port 0: a free port; otherwise `configured`, or a ConfigError when something holds it."""
+    from megatron_inpo.config import ConfigError
+
+    if configured == 0:
+        return free_port()
+    if port_in_use(configured):
+        raise ConfigError(f"launch.master_port: port {configured} is in use on this machine (another run's stage "
+                          "worker or torchrun?); set --launch.master_port=0 to pick a free port, or another port")
+    return configured
+
+
+ADDRESS_IN_USE = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+def port_clash(log_path: Path, port: int) -> Exception | None:
+    """The ConfigError for a stage whose log shows its store's port taken (another process bound it between the
+    check and the start), else None."""
+    from megatron_inpo.config import ConfigError
+
+    try:
+        tail = log_path.read_text(errors="replace")[-3000:]
+    except OSError:
+        return None
+    if not any(m in tail for m in ADDRESS_IN_USE):
+        return None
+    return ConfigError(f"launch.master_port: port {port} was taken by another process as the stage started "
+                       f"(EADDRINUSE; log: {log_path}); set --launch.master_port=0 to pick a free port, or another "
+                       "port")
+
 class StageLauncher:
     """Runs `python -m megatron_inpo ARGS` as the launch config says, in the stage worker (launch.stage_runner
     'persistent') or as a subprocess; stdout/stderr go to <run_dir>/logs/<name>.log either way. `notify` gets the
@@ -114,14 +175,17 @@ class StageLauncher:
         self.worker: Any = None  # driver.worker.StageWorker, started at the first stage it runs
         self._proc: subprocess.Popen | None = None  # the running stage subprocess
         self._worker_token = ""
+        self.worker_port = 0  # the stage worker's master port (master_port()), held while it runs
 
-    def command(self, args: list[str], distributed: bool = True) -> list[str]:
+    def command(self, args: list[str], distributed: bool = True, port: int = 0) -> list[str]:
+        """The launch command of `python -m megatron_inpo ARGS`; `port`: torchrun's master port (0: the
+        configured one)."""
         p = self.launch
         if not distributed or (p.world_size == 1 and p.launcher == "auto"):
             return [sys.executable, "-m", "megatron_inpo", *args]
         if p.launcher == "auto":
             return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.nproc_per_node),
-                    "--master-port", str(p.master_port), "-m", "megatron_inpo", *args]
+                    "--master-port", str(port or p.master_port), "-m", "megatron_inpo", *args]
         if p.launcher == "rdzv":
             # One agent per node (node_runner), all started with the same command: the c10d rendezvous hands out
             # node ranks, so nothing here is node-specific. This interpreter's torch.distributed.run rather than a
@@ -139,12 +203,15 @@ class StageLauncher:
             self.runner = self.launch.resolved_stage_runner()
         return self.runner == "persistent" and (distributed or self.launch.world_size == 1)
 
-    def _env(self, token: str, hold: bool, port: bool = True) -> dict[str, str]:
+    def _env(self, token: str, hold: bool, port: bool | int = True) -> dict[str, str]:
+        """The stage's environment; `port`: False for none (an in-process store), True for launch.master_port, or
+        the port number picked for it."""
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        if port:
-            env.setdefault("MASTER_PORT", str(self.launch.master_port))
+        number = self.launch.master_port if port is True else int(port)
+        if port and number:
+            env.setdefault("MASTER_PORT", str(number))
         else:
             env.pop("MASTER_PORT", None)
         env[STAGE_TOKEN_ENV] = token
@@ -168,12 +235,22 @@ class StageLauncher:
                 self._run_in_worker(name, args, log_path, _both(watch, line.refresh if line else None), holds)
             else:
                 # a one-process stage beside a torchrun worker: an in-process store, not the worker's master port
-                port = distributed or self.runner != "persistent"
-                self._run_subprocess(name, self.command(args, distributed), log_path,
+                port: bool | int = distributed or self.runner != "persistent"
+                if port and self._uses_master_port():
+                    port = master_port(self.launch.master_port)  # checked (or picked) before anything starts
+                self._run_subprocess(name, self.command(args, distributed, 0 if port is True else int(port)), log_path,
                                      _both(watch, line.refresh if line else None), holds(), port)
         finally:
             if line is not None:
                 line.close()
+
+    def _uses_master_port(self) -> bool:
+        """Whether this machine's store binds launch.master_port: not with a rendezvous launcher (its endpoint
+        is its own), nor when the environment's MASTER_PORT already says which port one process uses."""
+        p = self.launch
+        if p.launcher == "rdzv":
+            return False
+        return not (p.world_size == 1 and os.environ.get("MASTER_PORT"))
 
     def kill_stage(self) -> None:
         """SIGKILL the running stage's process group: the worker's, or the stage subprocess's (fault tests)."""
@@ -192,7 +269,7 @@ class StageLauncher:
 
     # -- one process group per stage ----------------------------------------------------------------------------
     def _run_subprocess(self, name: str, cmd: list[str], log_path: Path, watch: Callable[[], None] | None,
-                        hold: bool, port: bool = True) -> None:
+                        hold: bool, port: bool | int = True) -> None:
         token = uuid.uuid4().hex
         env = self._env(token, hold, port)
         timeout = self.timeout_s or None
@@ -220,17 +297,20 @@ class StageLauncher:
                 self._proc = None
                 (self.run_dir / RUNNING_FILE).unlink(missing_ok=True)
         if rc != 0:
-            raise _failed(name, f"exit {rc}", t0, log_path)
+            clash = port is not True and port and port_clash(log_path, int(port))
+            raise clash or _failed(name, f"exit {rc}", t0, log_path)
 
     # -- the persistent stage worker ----------------------------------------------------------------------------
     def _start_worker(self) -> None:
         from megatron_inpo.driver.worker import StageWorker
 
         token = uuid.uuid4().hex
+        # the worker's world holds this port until the run ends: pick a free one (0) or check the configured one
+        self.worker_port = master_port(self.launch.master_port) if self._uses_master_port() else 0
         directory = self.run_dir / "worker"
-        cmd = self.command(["stage-worker", "--dir", str(directory)], distributed=True)
+        cmd = self.command(["stage-worker", "--dir", str(directory)], distributed=True, port=self.worker_port)
         self.worker = StageWorker(cmd, directory, self.run_dir / "logs" / "stage_worker.log", self.launch.world_size,
-                                  self._env(token, False), _stage_preexec)
+                                  self._env(token, False, self.worker_port or True), _stage_preexec)
         self.worker.start()
         # The worker outlives stages, so its record is its own file (a one-process stage may run beside it).
         atomic_write_json(self.run_dir / WORKER_FILE, {"pid": self.worker.pid, "pgid": self.worker.pid,
@@ -247,11 +327,16 @@ class StageLauncher:
             if self.worker is None or not self.worker.alive():
                 self.close(0)
                 self._start_worker()
-            n = self.worker.submit(name, args, log_path, self._env(self._worker_token, hold()))
+            n = self.worker.submit(name, args, log_path, self._env(self._worker_token, hold(),
+                                                                   self.worker_port or True))
             try:
                 markers = self._wait_worker(n, deadline, watch)
             except WorkerDied as e:
                 self.close(0)
+                clash = self.worker_port and (port_clash(self.run_dir / "logs" / "stage_worker.log", self.worker_port)
+                                              or port_clash(log_path, self.worker_port))
+                if clash:
+                    raise clash from None
                 if attempt == 2:
                     raise _failed(name, f"{e}, twice", t0, log_path) from None
                 self.notify(f"  {name}: {e}; starting a new stage worker and sending the stage again (it resumes "
@@ -265,6 +350,9 @@ class StageLauncher:
                 raise
             if markers[0]["rc"] != 0:  # the failing rank's: the worker is going down; the next stage starts anew
                 self.close()
+                clash = self.worker_port and port_clash(log_path, self.worker_port)
+                if clash:
+                    raise clash
                 raise _failed(name, f"exit {markers[0]['rc']}", t0, log_path)
             self.notify(f"  {name}: the stage worker holds {describe(markers)} afterwards")
             return

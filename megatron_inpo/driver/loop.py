@@ -33,7 +33,7 @@ from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, Logp
 from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_engine
 from megatron_inpo.faults import StageFault, fault_point
 from megatron_inpo.files import atomic_write_json
-from megatron_inpo.serving.pool import SGLangError, SGLangPool
+from megatron_inpo.serving.pool import SGLangError, SGLangPool, resolve_api_key
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,28 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def _check_servers(cfg: RunConfig) -> None:
+    """Every configured SGLang server is up and ready. Asked without generating (SGLangPool.health: GET /ready):
+    a driver restarted after a crash finds servers that the stage before the crash released (server_memory_saver),
+    and a generation on released memory crashes an SGLang server."""
     groups = []
     if cfg.rollout.backend == "sglang":
-        groups.append(("rollout.server_urls", cfg.rollout.server_urls))
+        groups.append(("rollout", cfg.rollout))
     for name, jc in (("judge", cfg.judge), ("eval.judge", cfg.eval.judge)):
         if jc is not None and jc.kind != "programmatic" and jc.backend == "sglang":
-            groups.append((f"{name}.server_urls", jc.server_urls))
-    for field_name, urls in groups:
-        pool = SGLangPool(urls, timeout_s=10.0, max_retries=1, backoff_s=0.5, backoff_max_s=1.0)
+            groups.append((name, jc))
+    for name, section in groups:
+        field_name, urls = f"{name}.server_urls", section.server_urls
+        # the key is needed only where /ready is missing (the /model_info fallback); a key that cannot be read
+        # would fail every stage later, so it is named now
+        key = resolve_api_key(getattr(section, "api_key", ""), f"{name}.api_key")
         try:
+            pool = SGLangPool(urls, timeout_s=10.0, max_retries=1, backoff_s=0.5, backoff_max_s=1.0, api_key=key)
             ok = pool.health()
         except SGLangError as e:
             raise ConfigError(f"{field_name}: {e}") from None
         bad = [u for u, good in zip(urls, ok) if not good]
         if bad:
-            raise ConfigError(f"{field_name}: server(s) {bad} unreachable or unhealthy (GET /health failed); start "
+            raise ConfigError(f"{field_name}: server(s) {bad} unreachable or not ready (GET /ready failed); start "
                               "them first (launch/sglang_servers.py) or fix the URLs")
 
 

@@ -65,7 +65,8 @@ def tiny_cpu() -> RunConfig:
         # packing off: a 2-layer, 64-wide model's step is bound by per-op overhead, not by padded tokens (measured
         # with tools/bench_train.py --lengths on this recipe's shapes: packed 0.41x the speed of padded)
         megatron=EngineConfig(model=EngineModelConfig(precision="fp32", layer_spec="local"), packing=False),
-        rollout=RolloutConfig(backend="local", model_path="auto", chat_template=False, max_batch_sequences=512,
+        # chat_template on, as everywhere: the task's word tokenizer has no template, so prompts are the raw words
+        rollout=RolloutConfig(backend="local", model_path="auto", max_batch_sequences=512,
                               sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=16, seed=1)),
         judge=JudgeConfig(kind="programmatic", function="megatron_inpo.task.oracle:prob_a_beats_b"),
         algorithm=AlgorithmConfig(objective=ObjectiveConfig(name="inpo", eta=0.1, tau=0.1 / 3, beta=0.1)),

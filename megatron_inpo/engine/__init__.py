@@ -16,6 +16,8 @@ stages and their checkpoints.
     checkpoint.py  the checkpoint format (META_FILE, read_meta; shared with the converters), save / load
     parallel.py, cpu.py   Megatron's process groups; the CPU (gloo) mode
     mapping.py     HF <-> Megatron parameter names and layouts;  metrics.py  FLOPs, MFU, scalar log, progress
+    compat.py      the supported megatron-core releases (0.16.1, 0.19.x): every difference between them, named
+                   with the release that made it, and the upstream notices a user cannot act on (filtered)
 
 This is the only package that imports megatron.core (and transformer_engine), always lazily inside functions, so
 `import megatron_inpo.engine` itself stays cheap and works without them.

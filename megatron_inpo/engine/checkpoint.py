@@ -3,7 +3,10 @@
 Layout (the project's checkpoint convention, shared with the converter):
 
     <root>/step_00000012/          one checkpoint; the directory itself is the dist-checkpoint
-        metadata.json, *.distcp, common.pt, ...   dist_checkpointing files; top-level keys:
+        metadata.json, *.distcp, [common.pt]      dist_checkpointing files (common.pt: written by megatron-core
+                                                   0.16.1 and by the converter; 0.19 keeps the common state in
+                                                   the .distcp files instead; both load on both, engine/compat.py)
+                                                   top-level keys:
             "model"      model.sharded_state_dict()   (the only key in a converter output)
             "optimizer"  optimizer.sharded_state_dict(model)     (training checkpoints)
             "scheduler"  OptimizerParamScheduler.state_dict()    (common, replicated)
@@ -29,6 +32,7 @@ byte entries with weights_only=True), refusing the checkpoint with a CheckpointE
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -348,6 +352,31 @@ def _checked_on_rank0(path: Path, meta: dict, verify_digests: bool | None) -> bo
     return outcome == "verified"
 
 
+NVTE_PICKLE_FLAG = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+@contextlib.contextmanager
+def _te_extra_state_pickle(allowed: bool):
+    """Transformer Engine's FP8 scaling state (delayed recipe) is a pickle in our own checkpoints, which TE >= 2.18
+    unpickles only with NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, checked inside `set_extra_state`, i.e. during
+    `model.load_state_dict`. So the flag is set for the whole load (dist_checkpointing.load through
+    load_state_dict) of a checkpoint whose files match the digests this code recorded at save, removed for any other
+    (also when set in the environment: an unverified checkpoint's extra state is not unpickled), and restored
+    afterwards, so a later unverified load in this process does not inherit it. The same path with and without TE."""
+    before = os.environ.get(NVTE_PICKLE_FLAG)
+    if allowed:
+        os.environ[NVTE_PICKLE_FLAG] = "1"
+    else:
+        os.environ.pop(NVTE_PICKLE_FLAG, None)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NVTE_PICKLE_FLAG, None)
+        else:
+            os.environ[NVTE_PICKLE_FLAG] = before
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model_chunks: list,
@@ -366,9 +395,9 @@ def load_checkpoint(
     no-code-on-load checks of engine/trust.py always run.
     Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    from megatron_inpo.engine import compat
     from megatron_inpo.engine import optimizer as optimizer_repairs
 
     path = Path(path)
@@ -396,41 +425,29 @@ def load_checkpoint(
                     path, meta["tp"], meta["pp"])
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    # Our own checkpoints hold TE's FP8 scaling state (delayed recipe) as a pickle, which recent TE loads only when
-    # told to: allowed only for a checkpoint whose files match the digests this code recorded at save (the flag is
-    # restored after the load, so a later unverified load in this process does not inherit it).
-    nvte_flag = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
-    nvte_before = os.environ.get(nvte_flag)
-    if digests_verified:
-        os.environ[nvte_flag] = "1"
-    else:  # also when set in the environment: an unverified checkpoint's extra state is not unpickled
-        os.environ.pop(nvte_flag, None)
-    try:
-        # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
-        # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
-        # which a converter output or a checkpoint written without TE does not hold. Anything else is an error.
-        loaded, _, unexpected = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
-    except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
-        # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
-        from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
+    with _te_extra_state_pickle(allowed=digests_verified):
+        try:
+            # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
+            # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
+            # which a converter output or a checkpoint written without TE does not hold. Anything else is an error.
+            loaded, _, unexpected = compat.load(request, path, strict=StrictHandling.RETURN_UNEXPECTED)
+        except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
+            raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+        except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
+            # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
+            from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
 
-        if not is_checkpoint_exception(e):
-            raise
-        raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
-    finally:
-        if nvte_before is None:
-            os.environ.pop(nvte_flag, None)
-        else:
-            os.environ[nvte_flag] = nvte_before
-    absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
-    if absent:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. {absent[:6]} "
-                              f"(a different architecture, or a model-only checkpoint?)")
-    if unexpected:
-        log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
-    result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
+            if not is_checkpoint_exception(e):
+                raise
+            raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
+        absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+        if absent:
+            raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. "
+                                  f"{absent[:6]} (a different architecture, or a model-only checkpoint?)")
+        if unexpected:
+            log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
+        # TE (>= 2.18) unpickles the FP8 extra state here, in set_extra_state, not in dist_checkpointing.load
+        result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if strict and missing:
         raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
@@ -446,12 +463,12 @@ def load_checkpoint(
     if weights_only_optimizer is not None:
         optimizer_repairs.sync_master_weights(weights_only_optimizer)
     if scheduler is not None:
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = compat.load_common_state(path)
         if "scheduler" in common:
             scheduler.load_state_dict(common["scheduler"])
     data = None
     if meta.get("has_optimizer"):
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = compat.load_common_state(path)
         data = common.get("data")
     if want_rng:
         _set_rng_state(loaded["rng"])

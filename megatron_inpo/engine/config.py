@@ -21,6 +21,7 @@ This module imports no torch or megatron at module level.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -314,9 +315,23 @@ class LogprobConfig:
     """Pairs per resumable chunk (sorted by length inside a chunk to cut padding)."""
     pad_multiple: int = 8
     """Pad the sequence length to a multiple of this."""
+    fp8: bool = False
+    """Run this forward in FP8 too when training does (megatron.model.fp8). Default false: the stored log-probs are
+    the fixed anchors of every step of the iteration (log pi_ref is the KL anchor), computed once by a forward-only
+    pass that costs about a third of one training step's FLOPs per pair, so they are computed in the model's
+    precision (bf16) rather than with FP8's quantisation error; and with the delayed recipe a forward-only pass over
+    a checkpoint without FP8 state (a converter output, e.g. pi_ref) would start from scale 1.0, having no amax
+    history. With true, a checkpoint trained in FP8 brings its amax history and scales (TE's extra state); one
+    without starts from 1.0 (use fp8_recipe: current there)."""
 
     def validate(self) -> None:
         _positive_ints(self, ("micro_batch_size", "chunk_pairs", "pad_multiple"))
+
+    def forward_engine(self, engine: EngineConfig) -> EngineConfig:
+        """The engine config this pass builds its models with: FP8 dropped unless `fp8` is true."""
+        if self.fp8 or not engine.model.fp8:
+            return engine
+        return dataclasses.replace(engine, model=dataclasses.replace(engine.model, fp8=""))
 
 
 def logprob_row_capacity(micro_batch_size: int, longest: int) -> int:

@@ -230,15 +230,16 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
     positions = [n for _, n in limits if n is not None]
     pairs = read_preferences(cfg.data, vocab_size=min(vocabs) if vocabs else None,
                              max_len=min(positions) if positions else None, max_len_name="max_position_embeddings")
-    runtime = init_runtime(cfg.megatron, cfg.seed)
-    cfg.megatron.validate_runtime(runtime.world_size, runtime.cuda)
+    engine = cfg.logprobs.forward_engine(cfg.megatron)  # bf16, not FP8, unless logprobs.fp8 (its docstring: why)
+    runtime = init_runtime(engine, cfg.seed)
+    engine.validate_runtime(runtime.world_size, runtime.cuda)
     roles = [("ref", cfg.ref_checkpoint)] + ([] if cfg.same_models() else [("last", cfg.last_checkpoint)])
     pdir = progress_dir(out)
     lc = cfg.logprobs
     values: dict[str, list] = {}
     computed: dict[str, int] = {}
     for role, path in roles:
-        model, built = load_frozen_policy(path, cfg.megatron, runtime)
+        model, built = load_frozen_policy(path, engine, runtime)
         # Only rank 0 touches (and keys, hashing the input file) the progress files; compute_role_logps broadcasts
         # what is done.
         store = (ProgressStore(pdir / role, store_key(Path(cfg.data), role, path, lc.micro_batch_size, lc.chunk_pairs))
@@ -247,8 +248,8 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
                                  path=cfg.progress_file, enabled=runtime.rank == 0)
         values[role], computed[role] = compute_role_logps(
             role, pairs, [model], built.vocab_size, lc.micro_batch_size, lc.chunk_pairs, store,
-            pad_multiple=batch_pad_multiple(lc.pad_multiple, cfg.megatron), device=runtime.device,
-            progress=progress.update, packing=cfg.megatron.packing)
+            pad_multiple=batch_pad_multiple(lc.pad_multiple, engine), device=runtime.device,
+            progress=progress.update, packing=engine.packing)
         progress.close()
         del model, built
         if runtime.cuda:

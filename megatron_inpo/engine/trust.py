@@ -20,7 +20,9 @@ directory, `check_loadable` reads:
   - `.metadata` with a restricted unpickler that resolves only the classes torch's DCP metadata holds
     (`METADATA_GLOBALS`, found by listing the globals of real training and converter checkpoints), and checks that
     every storage entry names a plain file of the directory;
-  - `common.pt` with `torch.load(weights_only=True)` (a real one holds only dicts, tensors and numbers);
+  - `common.pt` with `torch.load(weights_only=True)` (a real one holds only dicts, tensors and numbers), where
+    there is one: megatron-core 0.16.1 writes the common state there, 0.19 as the byte entry "common_state" of the
+    `.distcp` files instead (engine/compat.py, difference 2), which the next check covers;
   - every byte entry with `torch.load(weights_only=True)` plus numpy's array / dtype rebuilders (the RNG state).
 Anything else is refused with a CheckpointError naming the file and the global. What stays trusted: Transformer
 Engine unpickles its own FP8 `_extra_state` tensors (NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1); this is set only

@@ -101,19 +101,32 @@ class JudgeConfig:
     """'module:function' for kind 'programmatic': f(prompt, a, b) -> P(a beats b)."""
     function_inputs: Literal["text", "ids"] = "text"
     """Programmatic judges: pass texts, or token-id lists (prompt_ids, a_ids, b_ids), to the function."""
-    token_a: str = "A"
-    """Pairwise models: the answer token meaning 'response A is better'."""
-    token_b: str = "B"
-    """Pairwise models: the answer token meaning 'response B is better'."""
-    template: str = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
-    """Pairwise models: the user turn shown to the PM (RLHFlow pair-preference-model format)."""
-    context_format: Literal["rlhflow", "chat_template"] = "rlhflow"
+    preset: Literal["rlhflow_pm", "chat"] = "rlhflow_pm"
+    """Pairwise models: how the judge input is written, for the kind of model the judge is (PAIRWISE_PRESETS).
+    'rlhflow_pm': a pairwise preference model trained on RLHFlow's format (RLHFlow/pair-preference-model-LLaMA3-8B):
+    '[CONTEXT] {context} [RESPONSE A] ... [RESPONSE B] ...' as one user turn, the context in RLHFlow's
+    '<turn> user' format, no generation prompt, a leading BOS text removed; 'chat': an instruction-tuned chat model
+    (e.g. SmolLM2-Instruct) asked in words which response is better, the plain prompt as context, the template's
+    assistant header appended so that the next token is its answer. The fields below left empty take the
+    preset's values; one that is set overrides it."""
+    token_a: str = ""
+    """Pairwise models: the answer token meaning 'response A is better' (empty: the preset's, 'A')."""
+    token_b: str = ""
+    """Pairwise models: the answer token meaning 'response B is better' (empty: the preset's, 'B')."""
+    template: str = ""
+    """Pairwise models: the user turn shown to the judge, with {context}, {response_a}, {response_b} (empty: the
+    preset's)."""
+    context_format: Literal["", "rlhflow", "chat_template", "plain"] = ""
     """Pairwise models: how {context} is written: 'rlhflow' is the plain '<turn> user' format the RLHFlow PM was
-    trained on; 'chat_template' uses the judge tokenizer's own template."""
-    add_generation_prompt: bool = False
-    """Pairwise models: append the template's assistant header (RLHFlow's PM reads the answer without it)."""
-    strip_bos: bool = True
-    """Pairwise models: remove the BOS token text from the rendered input, as the RLHFlow reference code does."""
+    trained on; 'chat_template' uses the judge tokenizer's own template; 'plain' is the prompt text as it is
+    (empty: the preset's)."""
+    add_generation_prompt: bool | None = None
+    """Pairwise models: append the template's assistant header (RLHFlow's PM reads the answer without it; a chat
+    model needs it). Unset (null): the preset's."""
+    strip_bos: bool | None = None
+    """Pairwise models: remove the BOS text the chat template puts at the start of the input, as the RLHFlow
+    reference code does; never done when the BOS token is a turn marker of the template (ChatML models such as
+    SmolLM2 use `<|im_start|>` as BOS). Unset (null): the preset's."""
     both_orders: bool = True
     """Pairwise models: average P(A>B) over (a, b) and (b, a) to cancel position bias (two passes each)."""
     batch_size: int = 16
@@ -157,13 +170,55 @@ class JudgeConfig:
             raise ConfigError("judge.server_urls: backend 'sglang' needs at least one URL")
         if not self.model_path:
             raise ConfigError("judge.model_path: the judge's HF directory (model or, for SGLang, tokenizer) is needed")
-        if self.token_a == self.token_b:
+        if self.preset not in PAIRWISE_PRESETS:
+            raise ConfigError(f"judge.preset: one of {sorted(PAIRWISE_PRESETS)}, got {self.preset!r}")
+        r = self.rendering()
+        if r.token_a == r.token_b:
             raise ConfigError("judge.token_a/token_b: must differ")
         for f in ("{context}", "{response_a}", "{response_b}"):
-            if f not in self.template:
+            if f not in r.template:
                 raise ConfigError(f"judge.template: missing placeholder {f}")
         if self.batch_size < 1 or self.concurrency < 1 or self.max_length < 8:
             raise ConfigError("judge.batch_size/concurrency must be >= 1 and max_length >= 8")
+
+
+    def rendering(self) -> "PairwiseRendering":
+        """The pairwise judge's input format: the preset's, with every field that is set laid on top."""
+        base = PAIRWISE_PRESETS[self.preset]
+        return PairwiseRendering(
+            token_a=self.token_a or base.token_a, token_b=self.token_b or base.token_b,
+            template=self.template or base.template, context_format=self.context_format or base.context_format,
+            add_generation_prompt=(base.add_generation_prompt if self.add_generation_prompt is None
+                                   else self.add_generation_prompt),
+            strip_bos=base.strip_bos if self.strip_bos is None else self.strip_bos)
+
+
+@dataclass(frozen=True)
+class PairwiseRendering:
+    """How a pairwise judge writes its input and reads its answer (JudgeConfig.rendering())."""
+
+    token_a: str
+    token_b: str
+    template: str
+    context_format: str
+    add_generation_prompt: bool
+    strip_bos: bool
+
+
+PAIRWISE_PRESETS: dict[str, PairwiseRendering] = {
+    # RLHFlow/pair-preference-model-LLaMA3-8B, as its authors' reference pipeline feeds it
+    "rlhflow_pm": PairwiseRendering(
+        token_a="A", token_b="B",
+        template="[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n",
+        context_format="rlhflow", add_generation_prompt=False, strip_bos=True),
+    # an instruction-tuned chat model as judge: asked in words, its answer is the first token of its reply
+    "chat": PairwiseRendering(
+        token_a="A", token_b="B",
+        template="Which response answers the request better?\n\n[REQUEST]\n{context}\n\n[RESPONSE A]\n{response_a}"
+                 "\n\n[RESPONSE B]\n{response_b}\n\nReply with one letter: A or B.",
+        context_format="plain", add_generation_prompt=True, strip_bos=False),
+}
+"""judge.preset -> the pairwise input format (README: "Judges")."""
 
 
 def make_judge(cfg: JudgeConfig) -> Judge:

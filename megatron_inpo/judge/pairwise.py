@@ -1,10 +1,15 @@
 """Pairwise preference model (RLHFlow pair-preference-model style), in-process or on SGLang.
 
-The PM reads one user turn, `[CONTEXT] {context} [RESPONSE A] {A} [RESPONSE B] {B}`, rendered with the PM's chat
-template, and answers with the token "A" or "B". As in RLHFlow's reference pipeline, {context} is the conversation in
-a plain '<turn> user' format, the rendered input has its BOS text removed and no generation prompt appended (all
-three are JudgeConfig options). P(A beats B) = softmax over the next-token logits of exactly those
-two tokens = sigmoid(logit_A - logit_B). With both_orders the judge also asks with A and B swapped and averages
+The judge reads one user turn (JudgeConfig.preset, judge/base.py PAIRWISE_PRESETS), rendered with its chat
+template, and answers with the token "A" or "B". Preset 'rlhflow_pm' is RLHFlow's pair-preference model:
+`[CONTEXT] {context} [RESPONSE A] {A} [RESPONSE B] {B}`, {context} the conversation in a plain '<turn> user'
+format, the leading BOS text removed and no generation prompt appended, as in RLHFlow's reference pipeline;
+preset 'chat' asks an instruction-tuned chat model in words, with the assistant header appended so that its next
+token is the answer. The BOS text is only ever removed at the start of the input, and never when the template uses
+the BOS token as a turn marker (ChatML's `<|im_start|>` is SmolLM2's BOS: removing it everywhere would delete
+every turn). The answer tokens are checked before any request: each a single token of the judge's vocabulary that
+decodes back to itself (not the unknown token), within the model's vocabulary, the two different.
+P(A beats B) = softmax over the next-token logits of exactly those two tokens = sigmoid(logit_A - logit_B). With both_orders the judge also asks with A and B swapped and averages
 P_AB(A) and P_BA(B), cancelling the PM's position bias (two forward passes per comparison, as the authors do).
 """
 from __future__ import annotations
@@ -21,12 +26,47 @@ from megatron_inpo.judge.base import Comparison, Judge, JudgeConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def single_token_id(tokenizer: Any, text: str) -> int:
+def single_token_id(tokenizer: Any, text: str, vocab_size: int | None = None, field: str = "judge.token_a/token_b"
+                    ) -> int:
+    """The id of answer token `text`: one token of the judge's tokenizer that is not its unknown token, decodes
+    back to `text`, and (vocab_size given) lies within the judge model's vocabulary; else a ConfigError."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
-        raise ConfigError(f"judge.token_a/token_b: {text!r} is {len(ids)} tokens {ids} in the judge's tokenizer; "
+        raise ConfigError(f"{field}: {text!r} is {len(ids)} tokens {ids} in the judge's tokenizer; "
                           "a pairwise judge needs single-token answers")
-    return ids[0]
+    tid = int(ids[0])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    back = tokenizer.decode([tid])
+    if (unk is not None and tid == unk and back != text) or back.strip() != text.strip():
+        raise ConfigError(f"{field}: {text!r} is not in the judge's vocabulary (it encodes to token {tid}, "
+                          f"{back!r}); choose answer tokens the judge model knows")
+    if vocab_size is not None and not 0 <= tid < vocab_size:
+        raise ConfigError(f"{field}: {text!r} is token {tid} of the tokenizer, outside the judge model's "
+                          f"vocabulary of {vocab_size}")
+    return tid
+
+
+def bos_is_turn_marker(tokenizer: Any) -> bool:
+    """Whether the chat template writes the BOS token at every turn (ChatML models whose BOS is `<|im_start|>`),
+    so that it is part of the conversation's structure, not only a start-of-text mark."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                          tokenize=False)
+    return probe.count(bos) >= 2
+
+
+def config_vocab_size(model_path: str) -> int | None:
+    """vocab_size of the HF config.json in model_path, where there is one (an SGLang judge's local copy)."""
+    import json
+    from pathlib import Path
+
+    try:
+        v = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def rlhflow_context(messages: list[dict]) -> str:
@@ -59,6 +99,12 @@ class LocalPairwiseBackend:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype]).to(cfg.device)
         return cls(model, cfg.batch_size, cfg.device, pad_id)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the model's output layer: an answer token id must be below it."""
+        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return int(out.weight.shape[0]) if out is not None else getattr(self.model.config, "vocab_size", None)
 
     @torch.inference_mode()
     def token_logprobs(self, inputs: list[list[int]], token_ids: list[int]) -> list[list[float]]:
@@ -157,8 +203,14 @@ class PairwiseJudge(Judge):
         self.backend = backend
         self.tokenizer = tokenizer
         self.name = name
-        self.id_a = single_token_id(tokenizer, self.cfg.token_a)
-        self.id_b = single_token_id(tokenizer, self.cfg.token_b)
+        self.fmt = self.cfg.rendering()
+        vocab = getattr(backend, "vocab_size", None)
+        self.id_a = single_token_id(tokenizer, self.fmt.token_a, vocab, "judge.token_a")
+        self.id_b = single_token_id(tokenizer, self.fmt.token_b, vocab, "judge.token_b")
+        if self.id_a == self.id_b:
+            raise ConfigError(f"judge.token_a/token_b: {self.fmt.token_a!r} and {self.fmt.token_b!r} are the same "
+                              f"token ({self.id_a}) of the judge's tokenizer")
+        self.strip_bos = self.fmt.strip_bos and not bos_is_turn_marker(tokenizer)
         self.forward_passes = 0
 
     @classmethod
@@ -174,25 +226,31 @@ class PairwiseJudge(Judge):
             from megatron_inpo.serving.pool import SGLangPool
 
             backend = SGLangPairwiseBackend(SGLangPool.from_config(cfg, "judge.api_key"), cfg.batch_size)
+            backend.vocab_size = config_vocab_size(cfg.model_path)
             name = f"pairwise-pm-sglang:{cfg.model_path}"
         return cls(backend, tok, cfg, name=name)
 
     def render(self, prompt: str, a: str, b: str) -> list[int]:
         """Judge-input ids: the instruction as one user turn of the PM's chat template; the answer token is next."""
         messages = [{"role": "user", "content": prompt}]
-        if self.cfg.context_format == "rlhflow" or not getattr(self.tokenizer, "chat_template", None):
+        fmt = self.fmt
+        if fmt.context_format == "plain":
+            context = prompt
+        elif fmt.context_format == "rlhflow" or not getattr(self.tokenizer, "chat_template", None):
             context = rlhflow_context(messages)
         else:
             context = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        instruction = self.cfg.template.format(context=context, response_a=a, response_b=b)
+        instruction = fmt.template.format(context=context, response_a=a, response_b=b)
         turn = [{"role": "user", "content": instruction}]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(turn, tokenize=False,
-                                                      add_generation_prompt=self.cfg.add_generation_prompt)
+                                                      add_generation_prompt=fmt.add_generation_prompt)
         else:
             text = instruction
-        if self.cfg.strip_bos and self.tokenizer.bos_token:
-            text = text.replace(self.tokenizer.bos_token, "")
+        bos = self.tokenizer.bos_token
+        if self.strip_bos and bos and text.startswith(bos):
+            # only the start-of-text mark the template put first: the context and responses keep theirs
+            text = text[len(bos):]
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return ids[-self.cfg.max_length:]  # keep the answer position: cut the oldest context
 

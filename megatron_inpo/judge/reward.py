@@ -1,4 +1,10 @@
-"""Bradley-Terry reward models: in-process (transformers *ForSequenceClassification) or SGLang /classify."""
+"""Bradley-Terry reward models: in-process (transformers *ForSequenceClassification) or SGLang /classify.
+
+A reward judge needs a trained reward head. transformers loads a causal LM (or any checkpoint without the head's
+weights) as *ForSequenceClassification without complaint, initialising the head at random and saying so only in
+its load report: `make_reward_judge` refuses such a model with a ConfigError naming the missing weights. (An
+SGLang judge's weights are the server's; its model_path may hold only the tokenizer, so it is not checked here.)
+"""
 from __future__ import annotations
 
 import math
@@ -6,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_inpo.config import ConfigError
 from megatron_inpo.data.batching import left_pad
 from megatron_inpo.judge.base import JudgeConfig, RewardJudge
 from megatron_inpo.judge.pairwise import render_judge_input
@@ -103,6 +110,20 @@ class SGLangRewardJudge(_RMJudge):
         return out
 
 
+HEAD_NAMES = ("score", "classifier")
+"""Names transformers gives the head of a *ForSequenceClassification model (Llama, Mistral, Qwen: score)."""
+
+
+def check_reward_head(model_path: str, missing: list[str]) -> None:
+    """ConfigError when weights of the reward head are among `missing` (those the checkpoint lacks)."""
+    head = [k for k in missing if k.split(".")[0] in HEAD_NAMES or any(f".{h}." in f".{k}" for h in HEAD_NAMES)]
+    if head:
+        raise ConfigError(f"judge.model_path {model_path}: no trained reward head: {', '.join(sorted(head))} "
+                          "missing from the checkpoint (transformers would initialise it at random); a reward judge "
+                          "needs a sequence-classification checkpoint with num_labels=1 (judge.kind 'reward'), "
+                          "a causal LM judges as judge.kind 'pairwise'")
+
+
 def make_reward_judge(cfg: JudgeConfig) -> RewardJudge:
     from transformers import AutoTokenizer
 
@@ -110,7 +131,9 @@ def make_reward_judge(cfg: JudgeConfig) -> RewardJudge:
     if cfg.backend == "local":
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=_DTYPES[cfg.dtype])
+        model, info = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=_DTYPES[cfg.dtype],
+                                                                         output_loading_info=True)
+        check_reward_head(cfg.model_path, list(info.get("missing_keys") or []))
         return LocalRewardJudge(model.to(cfg.device), tok, cfg.batch_size, cfg.device, cfg.max_length,
                                 name=f"bt-rm:{cfg.model_path}")
     from megatron_inpo.serving.pool import SGLangPool

@@ -38,7 +38,8 @@ class SamplingConfig:
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks only)."""
     seed: int | None = 0
-    """Base seed: sample j of prompt p uses prompt_seed(seed, iteration, p, j). None: unseeded (SGLang uses n=K)."""
+    """Base seed: sample j of prompt p uses prompt_seed(seed, iteration, p, j). None: unseeded (on SGLang servers
+    that honour seeds, K distinct seeds per prompt drawn from the OS; elsewhere n=K)."""
 
     def validate(self) -> None:
         if self.n < 1:
@@ -147,6 +148,10 @@ class Completion:
     """Response token ids; the stop/EOS token is included when it ended the response."""
     finish_reason: str = "length"
     """'stop' (a stop/EOS token), 'length' (max_new_tokens) or 'abort'."""
+    seed: int | None = None
+    """The sampling seed it was drawn with (derived from sampling.seed, or drawn from the OS for an unseeded
+    rollout on servers that honour seeds, rollout/sglang.py); None when the engine chose its own randomness.
+    Written with the sample to rollouts.jsonl, so a rerun can show what was used."""
 
 
 @dataclass
@@ -226,6 +231,10 @@ class RolloutEngine(abc.ABC):
         if len(outs) != len(prompt_ids) or any(len(o) != sampling.n for o in outs):
             raise RuntimeError(f"{type(self).__name__}: expected {len(prompt_ids)} x {sampling.n} completions")
         self.meter.add(len(prompt_ids), sum(len(o) for o in outs), sum(len(c.token_ids) for o in outs for c in o), dt)
+        if seeds is not None:
+            for o, ss in zip(outs, seeds):
+                for c, s in zip(o, ss):
+                    c.seed = s
         return outs
 
     @abc.abstractmethod

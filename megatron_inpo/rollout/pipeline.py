@@ -7,6 +7,9 @@ Two ways through the same per-batch pieces (generate a batch, judge a batch and 
 - `rollout_stage` then `judge_stage` (the iteration driver): all samples are appended to rollouts.jsonl first,
   then judged batch by batch into the pairs file, so each stage is recorded (and resumed) on its own.
 
+Progress: a tqdm bar per stage, or, with progress off, one log line (INFO) per batch: prompts done of the total,
+pairs, tokens/s and the time left at the rate so far; each batch's output is on disk when its line appears.
+
 Every append is one write + fsync; prompts whose pair was dropped (the tournament's final check) are recorded in
 `<out>.dropped.jsonl`. A re-run skips every prompt found in either file, so a crash never duplicates or loses a
 pair; a torn last line is repaired first. A pairs file of another iteration is refused.
@@ -176,6 +179,17 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
+def _batch_line(desc: str, k: int, batches: int, done: int, total: int, t0: float, start_done: int,
+                **counts: Any) -> None:
+    """The line of one finished batch when no bar is shown (--no-progress): a sign of life with an ETA."""
+    dt = time.perf_counter() - t0
+    rate = (done - start_done) / max(dt, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    extra = "".join(f", {v} {k.replace('_', ' ')}" for k, v in counts.items())
+    log.info("%s: batch %d/%d done, %d/%d prompts%s, %.1f s, about %.0f s left", desc, k, batches, done, total,
+             extra, dt, eta)
+
+
 def _bar(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
@@ -204,12 +218,17 @@ def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], C
     batches = _batches(todo, batch_size)
     if todo:
         with open_engine() as engine:
+            t_start = time.perf_counter()
             bar = _bar(progress, len(prompts), len(prompts) - len(todo), f"rollout it{iteration}")
             for k, batch in enumerate(batches):
                 rolls = engine.rollout(batch, iteration=iteration)
                 append_jsonl(out_path, [_rollout_record(r) for r in rolls])
                 if bar is not None:
                     bar.update(len(rolls))
+                else:
+                    start = len(prompts) - len(todo)
+                    _batch_line(f"rollout it{iteration}", k + 1, len(batches),
+                                start + sum(len(b) for b in batches[:k + 1]), len(prompts), t_start, start)
                 fault(f"batch{k + 1}")
             if bar is not None:
                 bar.close()
@@ -234,12 +253,16 @@ def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path
     rows = [r for r in records if r["prompt_id"] not in done]
     bar = _bar(progress, len(records), len(records) - len(rows), f"judge it{iteration}")
     comparisons = 0
-    for k, batch in enumerate(_batches(rows, batch_size)):
+    batches, t_start, start = _batches(rows, batch_size), time.perf_counter(), len(records) - len(rows)
+    for k, batch in enumerate(batches):
         rolls = [_rollout_from_record(r) for r in batch]
         _, _, stats = _judge_batch(rolls, judge, method, out_path, iteration, model_version, winrate)
         comparisons += stats["comparisons"]
         if bar is not None:
             bar.update(len(rolls))
+        else:
+            _batch_line(f"judge it{iteration}", k + 1, len(batches), start + sum(len(b) for b in batches[:k + 1]),
+                        len(records), t_start, start, comparisons=comparisons)
         fault(f"batch{k + 1}")
     if bar is not None:
         bar.close()
@@ -262,7 +285,7 @@ def generate_preferences(prompts: Sequence["PromptRecord"], engine: "RolloutEngi
     gen_s = judge_s = 0.0
     bar = _bar(progress, len(prompts), summary["skipped"], f"rollout+judge it{iteration}")
     t_all = time.perf_counter()
-    for batch in batches:
+    for k, batch in enumerate(batches, 1):
         t0 = time.perf_counter()
         rollouts = engine.rollout(batch, iteration=iteration)
         t1 = time.perf_counter()
@@ -278,6 +301,11 @@ def generate_preferences(prompts: Sequence["PromptRecord"], engine: "RolloutEngi
             bar.update(len(batch))
             bar.set_postfix(pairs=summary["pairs"], dropped=summary["dropped"],
                             tok_s=f"{summary['tokens'] / max(gen_s, 1e-9):.0f}")
+        else:
+            _batch_line(f"rollout+judge it{iteration}", k, len(batches),
+                        summary["skipped"] + sum(len(b) for b in batches[:k]), len(prompts), t_all,
+                        summary["skipped"], pairs=summary["pairs"], dropped=summary["dropped"],
+                        tokens_per_s=f"{summary['tokens'] / max(gen_s, 1e-9):.1f}")
     if bar is not None:
         bar.close()
     n = len(todo)

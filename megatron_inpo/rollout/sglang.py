@@ -4,6 +4,7 @@ megatron_inpo.serving.pool (retries, back-off, fail-over, concurrency limit). Th
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any, Sequence
 
 from megatron_inpo.rollout.engine import Completion, RolloutConfig, RolloutEngine, SamplingConfig, Throughput
@@ -76,6 +77,22 @@ def parse_completion(item: Any, vocab_size: int | None = None, max_new_tokens: i
     return Completion(text=text, token_ids=list(ids), finish_reason=reason)
 
 
+def draw_seeds(prompts: int, k: int) -> list[list[int]]:
+    """K distinct sampling seeds per prompt from the OS's randomness (secrets): an unseeded rollout on servers that
+    honour seeds must not leave them to the server, which seeds every such request with 42 (SGLang 0.5.23,
+    sampling/sampling_batch_info.py) and so returns K identical samples. 63 bits: SGLang accepts any int64
+    (sampling/sampling_params.py), and non-negative seeds read the same everywhere."""
+    out = []
+    for _ in range(prompts):
+        ss: list[int] = []
+        while len(ss) < k:
+            s = secrets.randbits(63)
+            if s not in ss:
+                ss.append(s)
+        out.append(ss)
+    return out
+
+
 def tokenizer_vocab_size(tokenizer: Any, model_path: str = "") -> int | None:
     """The number of token ids a policy may produce: the larger of the tokenizer's size (len, added tokens
     included) and the model's config.json `vocab_size` (an embedding padded beyond the tokenizer, as Qwen's, can
@@ -106,9 +123,13 @@ class SGLangEngine(RolloutEngine):
     """Rollout on SGLang servers via POST /generate with token ids in.
 
     Seeded sampling sends each prompt K times with per-sample `sampling_seed` (SGLang would give the n copies of
-    one seeded request the same seed); unseeded sampling sends `n=K`. Either way the reply is a prompt-major list.
-    SGLang honours sampling_seed only on servers started with --enable-deterministic-inference; elsewhere the
-    samples are valid but not reproducible. An aborted completion counts as a failed request and is retried.
+    one seeded request the same seed). Unseeded sampling does the same with K distinct seeds per prompt drawn from
+    the OS (draw_seeds) unless every server is known to ignore seeds, and sends `n=K` only then: a server started
+    with --enable-deterministic-inference seeds each request that has no sampling_seed with 42, so the n samples
+    of one request would all be the same. Either way the reply is a prompt-major list, and each completion keeps
+    the seed it was drawn with (Completion.seed). SGLang honours sampling_seed only on servers started with
+    --enable-deterministic-inference; elsewhere the samples are valid but not reproducible. An aborted
+    completion counts as a failed request and is retried.
     """
 
     def __init__(self, cfg: RolloutConfig, tokenizer: Any = None, pool: SGLangPool | None = None) -> None:
@@ -117,7 +138,12 @@ class SGLangEngine(RolloutEngine):
         self.pool = pool or SGLangPool.from_config(cfg, "rollout.api_key")
         self.meter = Throughput("rollout[sglang]")
         self.nondeterministic: list[str] | None = None
-        """Servers that ignore sampling_seed (checked at the first seeded rollout); None until checked."""
+        """Servers that ignore sampling_seed or did not say (warned about at the first seeded rollout); None until
+        then."""
+        self.honours_seeds: list[bool | None] | None = None
+        """Per server: whether it honours sampling_seed (/server_info enable_deterministic_inference), None where it
+        did not answer; asked once, at the first rollout."""
+        self._told_drawn = False
         self.output_vocab_size: int | None = tokenizer_vocab_size(tokenizer, cfg.model_path)
         """Every output id must be below it (the tokenizer's size or the model's vocab_size, whichever is larger);
         None (no tokenizer, no config.json): ids are only checked to be non-negative ints."""
@@ -131,20 +157,29 @@ class SGLangEngine(RolloutEngine):
         counted as unknown and named in the warning too.
         """
         if self.nondeterministic is None:
-            bad = []
-            for i, u in enumerate(self.pool.urls):
-                try:  # informational: one try, a server that is down fails the /generate that follows anyway
-                    info = self.pool.server_info(i, max_retries=0)
-                except SGLangError:
-                    info = None
-                if not (isinstance(info, dict) and info.get("enable_deterministic_inference") is True):
-                    bad.append(u)
+            bad = [u for u, h in zip(self.pool.urls, self.seed_modes()) if h is not True]
             if bad:
                 log.warning("rollouts will NOT be reproducible: SGLang server(s) %s were started without "
                             "--enable-deterministic-inference (or did not say), so they ignore sampling_seed; "
                             "start them with it (launch/sglang_servers.py start --deterministic)", ", ".join(bad))
             self.nondeterministic = bad
         return self.nondeterministic
+
+    def seed_modes(self) -> list[bool | None]:
+        """Whether each server honours sampling_seed: /server_info's enable_deterministic_inference (SGLang 0.5.23
+        reads a request's sampling_seed only then, sampling_batch_info.py); None where it did not answer. Asked
+        once per engine."""
+        if self.honours_seeds is None:
+            modes: list[bool | None] = []
+            for i in range(len(self.pool.urls)):
+                try:  # informational: one try, a server that is down fails the /generate that follows anyway
+                    info = self.pool.server_info(i, max_retries=0)
+                except SGLangError:
+                    info = None
+                flag = info.get("enable_deterministic_inference") if isinstance(info, dict) else None
+                modes.append(flag if isinstance(flag, bool) else None)
+            self.honours_seeds = modes
+        return self.honours_seeds
 
     def _payload(self, prompts: list[list[int]], sampling: SamplingConfig,
                  seeds: Sequence[Sequence[int]] | None) -> dict:
@@ -161,6 +196,14 @@ class SGLangEngine(RolloutEngine):
                   seeds: Sequence[Sequence[int]] | None) -> list[list[Completion]]:
         if seeds is not None:
             self.check_deterministic()
+        elif not all(h is False for h in self.seed_modes()):
+            # a server that honours seeds (or may: it did not say) would seed all K samples alike; seeds sent to
+            # one that ignores them change nothing
+            seeds = draw_seeds(len(prompt_ids), sampling.n)
+            if not self._told_drawn:
+                log.info("unseeded rollout on servers that honour sampling_seed: %d seeds per prompt drawn from the "
+                         "OS (recorded with each sample)", sampling.n)
+                self._told_drawn = True
         step = self.cfg.request_prompts
         chunks = [(i, prompt_ids[i:i + step], None if seeds is None else seeds[i:i + step])
                   for i in range(0, len(prompt_ids), step)]
@@ -184,6 +227,10 @@ class SGLangEngine(RolloutEngine):
         for reply in replies:
             items = [parse_completion(it, self.output_vocab_size, sampling.max_new_tokens) for it in _as_list(reply)]
             out += [items[j:j + sampling.n] for j in range(0, len(items), sampling.n)]
+        if seeds is not None:
+            for o, ss in zip(out, seeds):
+                for c, s in zip(o, ss):
+                    c.seed = s
         return out
 
     def update_weights(self, model_path: str, version: str = "") -> None:

@@ -9,7 +9,9 @@ the memory free *when that server starts* (`pre`, the minimum over its TP ranks)
 and refuses to start when kv <= 0. The fractions of two servers on one GPU are therefore not shares of the GPU:
 the second server's `pre` is what the first one left. `plan_server_memory` applies this rule in start order,
 either to choose the fractions (equal KV share per server on a shared GPU) or to check given ones, and raises
-MemoryPlanError naming the server when one would get less KV cache than its minimum.
+MemoryPlanError naming the server when one would get less KV cache than its minimum. Beyond weights + KV each
+server keeps free its runtime reserve (activations, CUDA graphs), by SGLang's own rule for its default fraction
+(`sglang_runtime_reserve_gib`), so that no plan gives a server alone on a GPU more than SGLang itself would.
 
 Model sizes come from the HF config.json (Llama family: parameter count from the architecture numbers).
 """
@@ -112,13 +114,66 @@ class ServerMemory:
     """The KV pool if the servers before it already use their whole runtime reserve when it starts (less free
     memory, so less KV): the figure the minimum is checked against."""
     kv_min_tokens: int
+    reserve_gib: float = 0.0
+    """Its runtime reserve (activations, CUDA graphs) per GPU: SGLang's rule for its GPU size and TP, or the
+    override."""
 
 
-def default_runtime_reserve_gib(gpu_gib: float) -> float:
-    """Memory a server uses beyond weights + KV (activations, CUDA graphs, context). SGLang's own default fraction
-    (arg_groups/memory_hook.py) reserves 512 MiB + 1.5 MiB per chunked-prefill token (>= 2048) + graph buffers,
-    and never less than 10 GiB on GPUs over 60 GiB; the same figures here."""
-    return 10.0 if gpu_gib > 60 else (512 + 1.5 * 2048) / 1024
+def sglang_defaults(gpu_gib: float, tp: int = 1) -> tuple[int, int]:
+    """(chunked_prefill_size, decode CUDA-graph max batch size) that SGLang 0.5.23 picks for a GPU of `gpu_gib`
+    total memory and TP `tp` when neither is given (arg_groups/memory_hook.py handle_gpu_memory_settings)."""
+    mib = gpu_gib * 1024
+    if mib < 20 * 1024:      # T4, 4080
+        return 2048, 8
+    if mib < 35 * 1024:      # A10, 4090, 5090
+        return 4096, 48 if tp < 4 else 160
+    if mib < 60 * 1024:      # A100 40GB, L40
+        return 4096, 32 if tp < 4 else 160
+    if mib < 160 * 1024:     # H100, A100 80GB, H20, H200
+        return 8192, 256 if tp < 4 else 512
+    return 16384, 512        # B200, MI300
+
+
+def prefill_cuda_graph_sizes(max_tokens: int) -> list[int]:
+    """The token counts SGLang captures prefill CUDA graphs for, up to `max_tokens` (the chunked-prefill size):
+    arg_groups/cuda_graph_hook.py generate_prefill_cuda_graph_batch_sizes."""
+    sizes = (list(range(4, 33, 4)) + list(range(48, 257, 16)) + list(range(288, 513, 32))
+             + list(range(576, 1024 + 1, 64)) + list(range(1280, 4096 + 1, 256))
+             + list(range(4608, max_tokens + 1, 512)))
+    return [x for x in sizes if x <= max_tokens]
+
+
+def sglang_runtime_reserve_gib(gpu_gib: float, tp: int = 1, chunked_prefill_size: int | None = None,
+                               cuda_graph_max_bs: int | None = None, prefill_cuda_graph: bool = True,
+                               pp: int = 1) -> float:
+    """Memory a server uses beyond weights + KV cache (activations, CUDA graphs, attention metadata), by SGLang
+    0.5.23's own rule for its default --mem-fraction-static (arg_groups/memory_hook.py
+    handle_gpu_memory_settings and reserve_for_graph_mb; a dense model, no disaggregation, no DP attention):
+
+        512 MiB + 1.5 MiB x max(chunked_prefill_size, 2048) + TP x PP / 8 GiB
+          + 2 MiB per decode CUDA-graph batch size (max_bs) + 8 MiB per prefill CUDA-graph capture size,
+        at least 10 GiB on a GPU over 60 GiB.
+
+    `gpu_gib` is the GPU's total memory (SGLang reads nvidia-smi's memory.total); chunked_prefill_size and
+    cuda_graph_max_bs default to SGLang's for that size and TP (sglang_defaults). Prefill CUDA graphs (breakable,
+    captured up to the chunked-prefill size) are on by default on CUDA (model_executor/cuda_graph_config.py
+    default_prefill_backend); prefill_cuda_graph=False for a server started with --disable-prefill-cuda-graph.
+    An 80 GiB GPU at TP1: 512 + 12288 + 128 + 512 + 58 x 8 MiB = 13.58 GiB (13.125 without prefill graphs);
+    at TP8: 14.95 GiB (14.5).
+    """
+    if gpu_gib <= 0 or tp < 1 or pp < 1:
+        raise ConfigError(f"runtime reserve: need gpu_gib > 0, tp >= 1, pp >= 1, got {gpu_gib}, {tp}, {pp}")
+    chunk_default, bs_default = sglang_defaults(gpu_gib, tp)
+    chunk = chunk_default if chunked_prefill_size is None else chunked_prefill_size
+    max_bs = bs_default if cuda_graph_max_bs is None else cuda_graph_max_bs
+    # chunked prefill switched off (-1): activations scale with max_prefill_tokens (SGLang's default 16384)
+    activation_tokens = max(chunk if chunk > 0 else 16384, 2048)
+    mib = 512 + activation_tokens * 1.5 + tp * pp / 8 * 1024 + max_bs * 2
+    if prefill_cuda_graph and chunk > 0:
+        mib += len(prefill_cuda_graph_sizes(chunk)) * 8
+    if gpu_gib * 1024 > 60 * 1024:
+        mib = max(mib, 10 * 1024)
+    return mib / 1024
 
 
 # What a healthy SGLang server holds beyond its static pool before its first large batch: the CUDA context and
@@ -128,9 +183,14 @@ STARTED_OVERHEAD_GIB = 1.0
 
 
 def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_reserve_gib: float | None = None,
-                       started_overhead_gib: float = STARTED_OVERHEAD_GIB) -> list[ServerMemory]:
+                       started_overhead_gib: float = STARTED_OVERHEAD_GIB, gpu_total_gib: float | None = None,
+                       chunked_prefill_size: int | None = None) -> list[ServerMemory]:
     """--mem-fraction-static and KV cache of each server, started in the given order on GPUs that each have
     `gpu_free_gib` free before the first one.
+
+    Each server's runtime reserve is SGLang's own (sglang_runtime_reserve_gib) for a GPU of `gpu_total_gib`
+    (default: gpu_free_gib), its TP (the number of its GPUs) and `chunked_prefill_size` (default: SGLang's for
+    that GPU); `runtime_reserve_gib` overrides it for every server.
 
     Budget: every server on a GPU holds weights + KV + its runtime reserve at peak, and together they must fit.
     Plan (no mem_fraction given): on each GPU, what is left after every server's weights and reserve is split
@@ -150,17 +210,21 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
         raise MemoryPlanError("mem_fraction: give it for every server (check) or for none (plan)")
     if not gpu_free_gib > 0:
         raise MemoryPlanError(f"gpu_memory_gib: must be > 0, got {gpu_free_gib}")
-    reserve = default_runtime_reserve_gib(gpu_free_gib) if runtime_reserve_gib is None else runtime_reserve_gib
-    if reserve < 0:
-        raise MemoryPlanError(f"runtime_reserve_gib: must be >= 0, got {reserve}")
-    if not 0 <= started_overhead_gib <= reserve:
-        raise MemoryPlanError(f"started_overhead_gib: must lie in [0, runtime reserve {reserve:g}], got "
-                              f"{started_overhead_gib}")
+    if runtime_reserve_gib is not None and runtime_reserve_gib < 0:
+        raise MemoryPlanError(f"runtime_reserve_gib: must be >= 0, got {runtime_reserve_gib}")
+    if gpu_total_gib is not None and gpu_total_gib < gpu_free_gib:
+        raise MemoryPlanError(f"gpu_total_gib: {gpu_total_gib} is less than the {gpu_free_gib} GiB free")
     for s in servers:
         if not s.gpus:
             raise MemoryPlanError(f"{s.name}: no GPUs")
         if s.mem_fraction is not None and not 0 < s.mem_fraction < 1:
             raise MemoryPlanError(f"{s.name}: mem_fraction must lie in (0, 1), got {s.mem_fraction}")
+    reserve = {s.name: runtime_reserve_gib if runtime_reserve_gib is not None else
+               sglang_runtime_reserve_gib(gpu_total_gib or gpu_free_gib, tp=len(s.gpus),
+                                          chunked_prefill_size=chunked_prefill_size) for s in servers}
+    if not 0 <= started_overhead_gib <= min(reserve.values()):
+        raise MemoryPlanError(f"started_overhead_gib: must lie in [0, runtime reserve {min(reserve.values()):g}], "
+                              f"got {started_overhead_gib}")
 
     share: dict[str, float] = {}
     if not all(given):
@@ -169,7 +233,7 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
             for g in s.gpus:
                 on_gpu.setdefault(g, []).append(s)
         for s in servers:
-            share[s.name] = min((gpu_free_gib - sum(t.model.weights_gib + reserve for t in on_gpu[g]))
+            share[s.name] = min((gpu_free_gib - sum(t.model.weights_gib + reserve[t.name] for t in on_gpu[g]))
                                 / len(on_gpu[g]) for g in s.gpus)
 
     free_hi = {g: gpu_free_gib for s in servers for g in s.gpus}  # earlier servers: static + started overhead
@@ -186,9 +250,9 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
         tokens, tokens_lo = (max(0, int(x * GIB // s.model.kv_bytes_per_token)) for x in (kv, kv_lo))
         for g in s.gpus:
             free_hi[g] -= f * pre + started_overhead_gib
-            free_lo[g] -= max(f * pre_lo, s.model.weights_gib) + reserve
-            peak[g] += f * pre + reserve
-        plans.append(ServerMemory(s.name, s.gpus, f, pre, kv, tokens, kv_lo, tokens_lo))
+            free_lo[g] -= max(f * pre_lo, s.model.weights_gib) + reserve[s.name]
+            peak[g] += f * pre + reserve[s.name]
+        plans.append(ServerMemory(s.name, s.gpus, f, pre, kv, tokens, kv_lo, tokens_lo, reserve[s.name]))
         if tokens_lo < s.min_kv_tokens:
             what = "no KV cache (SGLang refuses to start)" if kv_lo <= 0 else \
                 f"a KV cache of {kv_lo:.2f} GiB = {tokens_lo:,} tokens"
@@ -199,8 +263,9 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
                             f"{s.model.weights_gib:.2f} GiB per GPU")
     for g, used in sorted(peak.items()):
         if used > gpu_free_gib + 1e-9:
-            problems.append(f"GPU {g}: the servers' weights + KV + {reserve:g} GiB runtime reserve each exceed its "
-                            f"{gpu_free_gib:g} GiB by {used - gpu_free_gib:.2f} GiB")
+            problems.append(f"GPU {g}: the servers' weights + KV + runtime reserve "
+                            f"({', '.join(f'{reserve[s.name]:.2f}' for s in servers if g in s.gpus)} GiB) exceed "
+                            f"its {gpu_free_gib:g} GiB by {used - gpu_free_gib:.2f} GiB")
     if problems:
         raise MemoryPlanError("SGLang server memory does not fit:\n  " + "\n  ".join(problems) +
                               "\n(give the judge GPUs of its own, fewer / smaller servers per GPU, or a larger GPU)")
@@ -209,8 +274,8 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
 
 def format_plan(plans: list[ServerMemory]) -> str:
     rows = [f"{'server':<12} {'GPUs':<16} {'mem_fraction':>12} {'free at start':>14} {'KV GiB/GPU':>14} "
-            f"{'KV tokens':>20}"]
+            f"{'KV tokens':>20} {'reserve GiB':>12}"]
     rows += [f"{p.name:<12} {','.join(map(str, p.gpus)):<16} {p.mem_fraction:>12.3f} {p.free_at_start_gib:>14.2f} "
-             f"{f'{p.kv_min_gib:.2f}-{p.kv_gib:.2f}':>14} {f'{p.kv_min_tokens:,}-{p.kv_tokens:,}':>20}"
-             for p in plans]
+             f"{f'{p.kv_min_gib:.2f}-{p.kv_gib:.2f}':>14} {f'{p.kv_min_tokens:,}-{p.kv_tokens:,}':>20} "
+             f"{p.reserve_gib:>12.2f}" for p in plans]
     return "\n".join(rows)

@@ -106,7 +106,7 @@ class SGLangPool:
 
     api_key: sent as `Authorization: Bearer <key>` (what SGLang's --api-key checks, srt/utils/auth.py); a string
     for every server (resolve_api_key: "env:VAR" reads it from the environment) or {URL: key} per server; empty /
-    None: no header. /health never needs it (SGLang lets probes through).
+    None: no header. The probes /health and /ready never need it (SGLang lets them through).
     """
 
     def __init__(self, urls: Sequence[str], timeout_s: float = 600.0, max_retries: int = 4, backoff_s: float = 1.0,
@@ -251,18 +251,44 @@ class SGLangPool:
             return list(ex.map(one, range(len(payloads))))
 
     def health(self) -> list[bool]:
-        """GET /health on every server (200 = healthy; 503 or no answer = not)."""
-        ok = []
-        for u in self.urls:
-            try:
-                self._once(u, "/health", None, parse_json=False, timeout=min(self.timeout_s, 10.0))
-                ok.append(True)
-            except (_Retryable, SGLangError):
-                ok.append(False)
-        return ok
+        """Whether each server is up and ready, asked without side effects (200 = yes; any other answer or none =
+        no): a probe may reach a server whose memory another process released (server_memory_saver), where any
+        generation crashes it, so it must never generate.
+
+        GET /ready is SGLang 0.5.23's flag check (http_server.py `ready`: started, warmed up, not paused) and needs
+        no API key (srt/utils/auth.py decide_request_auth lets /health, /ready and /metrics through). A 404 (an
+        older server, or a router in front) falls back to GET /model_info, a read of the tokenizer manager's
+        fields. Not /health: unless the server was started with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 (ours
+        are, serving/servers.py) it runs a one-token generation (http_server.py `health_generate`).
+        """
+        return [self._ready(u) for u in self.urls]
+
+    def _ready(self, url: str) -> bool:
+        timeout = min(self.timeout_s, 10.0)
+        try:
+            self._once(url, "/ready", None, parse_json=False, timeout=timeout)
+            return True
+        except _Retryable:
+            return False
+        except SGLangError as e:
+            if e.status != 404:
+                return False
+        try:
+            self._once(url, "/model_info", None, parse_json=True, timeout=timeout)
+            return True
+        except (_Retryable, SGLangError):
+            return False
+
+    def health_generate(self, server: int, timeout_s: float = 60.0) -> None:
+        """GET /health_generate on one server: a one-token generation, the proof that it can generate. Only for
+        a server this process just started (serving/servers.py), before anything could release its memory;
+        SGLangError (with the status) when it answers anything but 200. SGLang gives up on its side after
+        SGLANG_HEALTH_CHECK_TIMEOUT (20 s) with a 503; `timeout_s` leaves it that long."""
+        self.request("/health_generate", None, parse_json=False, server=server, timeout_s=timeout_s,
+                     max_retries=0)
 
     def wait_healthy(self, timeout_s: float = 600.0, poll_s: float = 2.0) -> None:
-        """Block until every server answers /health with 200; TimeoutError names those that never did."""
+        """Block until every server is ready (`health`: no generation); TimeoutError names those that never were."""
         deadline = time.monotonic() + timeout_s
         while True:
             ok = self.health()

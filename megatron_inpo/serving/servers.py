@@ -50,7 +50,7 @@ class ServerLaunchConfig:
     gpus: list[int] = field(default_factory=list)
     """GPU ids to use, tp per server in order; empty means 0 .. num_servers*tp - 1."""
     api_key: str = ""
-    """Start every server with --api-key: SGLang then refuses (HTTP 401) every call but /health without
+    """Start every server with --api-key: SGLang then refuses (HTTP 401) every call but /health and /ready without
     `Authorization: Bearer <key>` (srt/utils/auth.py); clients set rollout.api_key / judge.api_key to the same.
     `env:VAR` reads it from the environment (serving.pool.resolve_api_key); empty: no key. The key is on the
     server's command line (SGLang reads it only there), and is written as "<redacted>" into the state file."""
@@ -108,14 +108,24 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
+HEALTH_ENV = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}
+"""The environment every server gets: SGLang 0.5.23's GET /health runs a one-token generation unless this is 0
+(srt/environ.py, read by http_server.py `health_generate`), and with server_memory_saver a server spends every
+Megatron stage with its weights and KV cache released, where a generation crashes it. Anything that probes
+/health then (a load balancer, a monitor, an operator's curl) only asks whether the process is alive."""
+
+
 def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_timeout_s: float = 1800.0,
                   poll_s: float = 2.0) -> list[str]:
-    """Start the servers, wait until every /health answers 200, record them in `state_file`; return the URLs.
+    """Start the servers, wait until every one is ready, prove once that each generates, record them in
+    `state_file`; return the URLs.
 
-    If a server exits or never becomes healthy, every server started here is stopped and the error names the
-    server and the tail of its log.
+    Readiness is polled without side effects (SGLangPool.health: GET /ready), then each server runs one
+    generation (GET /health_generate): the only generating probe this project sends, to servers it has just
+    started, before anything could release their memory. If a server exits, never becomes ready or cannot
+    generate, every server started here is stopped and the error names the server and the tail of its log.
     """
-    from megatron_inpo.serving.pool import SGLangPool, resolve_api_key
+    from megatron_inpo.serving.pool import SGLangError, SGLangPool, resolve_api_key
 
     cfg.validate()
     api_key = resolve_api_key(cfg.api_key, "servers.api_key")
@@ -143,7 +153,8 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
         if api_key:
             argv += ["--api-key", api_key]
         argv += cfg.extra_args
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus[i * cfg.tp:(i + 1) * cfg.tp]))
+        env = dict(os.environ, **HEALTH_ENV,
+                   CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus[i * cfg.tp:(i + 1) * cfg.tp]))
         logf = log_dir / f"server_{port}.log"
         with open(logf, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -152,7 +163,7 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
         log.info("started SGLang server pid %d on %s (GPUs %s), log %s", proc.pid, servers[-1]["url"],
                  env["CUDA_VISIBLE_DEVICES"], logf)
     _write_state(state_file, servers)
-    pool = SGLangPool([s["url"] for s in servers], timeout_s=10.0, max_retries=0)
+    pool = SGLangPool([s["url"] for s in servers], timeout_s=10.0, max_retries=0, api_key=api_key)
     deadline = time.monotonic() + wait_timeout_s
     while True:
         for s in servers:
@@ -167,10 +178,17 @@ def start_servers(cfg: ServerLaunchConfig, state_file: str | os.PathLike, wait_t
         if time.monotonic() > deadline:
             bad = [s for s, h in zip(servers, ok) if not h]
             stop_servers(state_file, _servers=servers)
-            raise TimeoutError(f"SGLang server(s) {[s['url'] for s in bad]} not healthy after {wait_timeout_s:.0f} s;"
+            raise TimeoutError(f"SGLang server(s) {[s['url'] for s in bad]} not ready after {wait_timeout_s:.0f} s;"
                                f" see {[s['log'] for s in bad]}")
         time.sleep(poll_s)
-    log.info("SGLang servers healthy: %s", ", ".join(s["url"] for s in servers))
+    for i, s in enumerate(servers):
+        try:
+            pool.health_generate(i)
+        except SGLangError as e:
+            stop_servers(state_file, _servers=servers)
+            raise RuntimeError(f"SGLang server {s['url']} is up but cannot generate (GET /health_generate: {e}); "
+                               f"log {s['log']}:\n{_tail(Path(s['log']))}") from None
+    log.info("SGLang servers ready and generating: %s", ", ".join(s["url"] for s in servers))
     return [s["url"] for s in servers]
 
 

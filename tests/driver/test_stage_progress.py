@@ -38,7 +38,7 @@ def test_launcher_polls_the_progress_file_while_the_stage_runs(tmp_path, monkeyp
     script = (f"import json, time\nfor k in range(3):\n    json.dump({{'stage': 's', 'done': k + 1, 'total': 3}}, "
               f"open({str(prog)!r}, 'w'))\n    time.sleep(0.6)\nprint('stage output')\n")
     launcher = StageLauncher(LaunchConfig(stage_runner="subprocess"), tmp_path, show_progress=True)
-    monkeypatch.setattr(launcher, "command", lambda args, distributed=True: [sys.executable, "-c", script])
+    monkeypatch.setattr(launcher, "command", lambda args, distributed=True, port=0: [sys.executable, "-c", script])
     seen = []
     real = _LiveLine.refresh
 

@@ -78,3 +78,20 @@ def test_hf_config_errors():
     old.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
     r = LlamaArch.from_hf(old).rope
     assert r["rope_type"] == "linear" and r["rope_theta"] == 500000.0
+
+
+def test_logprob_pass_drops_fp8_unless_asked():
+    """The log-prob stage builds its models without FP8 by default (LogprobConfig.fp8's docstring says why), keeps
+    every other engine field, and pads to FP8's multiple of 16 only when it does run FP8."""
+    from megatron_inpo.engine.config import EngineConfig, LogprobConfig, batch_pad_multiple
+
+    engine = EngineConfig()
+    engine.model.fp8, engine.model.precision = "hybrid", "bf16"
+    plain = LogprobConfig().forward_engine(engine)
+    assert plain.model.fp8 == "" and plain.model.precision == "bf16" and plain.parallel == engine.parallel
+    assert engine.model.fp8 == "hybrid"  # the training config itself is untouched
+    assert batch_pad_multiple(8, plain) == 8
+    fp8 = LogprobConfig(fp8=True).forward_engine(engine)
+    assert fp8 is engine and batch_pad_multiple(8, fp8) == 16
+    engine.model.fp8 = ""
+    assert LogprobConfig(fp8=True).forward_engine(engine).model.fp8 == ""

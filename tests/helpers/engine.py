@@ -187,12 +187,14 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run torchrun; on timeout kill the launcher AND its workers (no orphans left holding ports and cores)."""
+def torchrun(nproc: int, args: list[str], timeout: int = 300, env: dict | None = None,
+             cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run torchrun (in `cwd`); on timeout kill the launcher AND its workers (no orphans left holding ports and
+    cores)."""
     cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(next(PORTS)),
            *args]
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    p = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -7,7 +7,12 @@ server's error text; every reply the fake builds is decoded with SGLang's respon
 drifted from the server fails loudly. It is stateful where the server is: /flush_cache is refused (400) while
 requests run or wait, a weight update waits for running requests (SGLang's model-update writer lock), memory
 release / resume keep per-tag state and a resume of an unreleased tag (or a second release, or a release while
-busy, or generation on released memory) kills the server (`fatal`: every later request finds it dead).
+busy, or generation on released memory) kills the server (`fatal`: every later request finds it dead). As in
+SGLang 0.5.23 (http_server.py `health_generate`), GET /health is a one-token generation unless the server runs
+with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 (`health_generates`), /health_generate always is one, and GET /ready
+is a flag check; so a generating /health on released memory kills the fake as it may the real server. With
+`deterministic` (--enable-deterministic-inference) a request without `sampling_seed` is seeded with 42, as
+SGLang's sampling/sampling_batch_info.py does: the n samples of one unseeded request are then all the same.
 Faults can be injected per path: slow replies, malformed JSON, HTTP 500/503, HTTP 429 with Retry-After (what
 sglang-router answers when overloaded), dropped connections, short lists, and wrong-typed / out-of-range replies
 (CORRUPTIONS), for the next `count` requests or at a rate. With api_key set the fake checks `Authorization` exactly
@@ -393,12 +398,16 @@ class FakeSGLang:
                  reward: Callable[[list[int]], float] | None = None, contract: SGLangContract | None | bool = True,
                  context_len: int = 4096, eos_id: int | None = None,
                  decode: Callable[[list[int]], str] | None = None, memory_saver: bool = True,
-                 deterministic: bool = True, api_key: str | None = None) -> None:
+                 deterministic: bool = True, api_key: str | None = None, health_generates: bool = True,
+                 request_log: str | os.PathLike | None = None) -> None:
         self.is_embedding = is_embedding
         self.api_key = api_key or None  # --api-key: checked as SGLang's middleware does (SGLangAuth)
         self.auth = sglang_auth() if self.api_key else None
         self.memory_saver = memory_saver  # --enable-memory-saver
         self.deterministic = deterministic  # --enable-deterministic-inference: without it sampling_seed is ignored
+        self.health_generates = health_generates  # SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION (SGLang's default: on)
+        self.request_log = Path(request_log) if request_log else None
+        """A file that gets the path of every request, one a line (for the fake run as a separate process)."""
         self.vocab = vocab
         self.eos_prob = eos_prob
         self.eos_id = EOS if eos_id is None else eos_id
@@ -520,7 +529,12 @@ class FakeSGLang:
         return {"output_ids": out, "finish": finish}
 
     def _generate_one(self, ids: list[int], sp: dict, body: dict, index: int) -> dict:
+        # sampling_batch_info.py: with --enable-deterministic-inference every request is seeded, by its
+        # sampling_seed or else 42 (and sampler.multinomial_with_seed draws from the seed and positions only);
+        # without it sampling_seed is ignored
         seed = sp.get("sampling_seed") if self.deterministic else None
+        if self.deterministic and seed is None:
+            seed = 42
         rng = random.Random(_h("seed", seed, ids)) if seed is not None else random.Random()
         want = body.get("token_ids_logprob")
         if want is not None and want and isinstance(want[0], list):
@@ -593,8 +607,13 @@ class FakeSGLang:
         return None
 
     def handle(self, path: str, body: Any) -> tuple[int, Any]:
+        if path == "/ready":  # http_server.ready: tokenizer_manager.is_ready(), a flag check
+            return (200, b"") if self.healthy else (503, b"")
         if path in ("/health", "/health_generate"):
-            if path == "/health_generate" and self._dies_on_released_memory(path):  # a 1-token generation
+            # http_server.health_generate: a 1-token generation, except /health when the server runs with
+            # SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0
+            generates = path == "/health_generate" or self.health_generates
+            if generates and self._dies_on_released_memory(path):
                 return 0, None
             return (200, b"") if self.healthy else (503, b"")
         if path in ("/model_info", "/get_model_info"):
@@ -763,6 +782,9 @@ class FakeSGLang:
                 work = path in ("/generate", "/classify", "/encode")
                 with server.idle:
                     server.requests.append((path, body))
+                    if server.request_log is not None:
+                        with open(server.request_log, "a", encoding="utf-8") as f:
+                            f.write(path + "\n")
                     if server.fatal is not None:  # a dead server answers nothing
                         return self._drop()
                 if server.auth is not None:  # SGLang's api-key middleware runs before any route
@@ -871,8 +893,14 @@ if __name__ == "__main__":  # stand-in for `python -m sglang.launch_server` in t
     ap.add_argument("--model-path", default="/models/fake")
     ap.add_argument("--is-embedding", action="store_true")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--request-log", default=None,
+                    help="append every request's path to this file (tests); {port} in it is the server's port")
     args, _ = ap.parse_known_args()
-    srv = FakeSGLang(is_embedding=args.is_embedding, model_path=args.model_path, api_key=args.api_key)
+    # srt/environ.py EnvBool: "false", "0", "no", "n" (any case) switch it off; unset keeps SGLang's default, on
+    flag = os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "true").lower()
+    srv = FakeSGLang(is_embedding=args.is_embedding, model_path=args.model_path, api_key=args.api_key,
+                     health_generates=flag not in ("false", "0", "no", "n"),
+                     request_log=args.request_log.replace("{port}", str(args.port)) if args.request_log else None)
     srv.httpd.server_close()
     srv.httpd = ThreadingHTTPServer((args.host, args.port), srv._handler())
     srv.httpd.serve_forever()

@@ -51,8 +51,9 @@ def test_local_pm_matches_reference_and_is_order_symmetric(local_judge):
     assert probs[2] == pytest.approx(0.5, abs=1e-6)  # identical responses: exactly a coin flip
     assert len(set(round(p, 6) for p in probs[:2])) == 2 and all(0 < p < 1 for p in probs)
     # the judge input is the RLHFlow instruction inside the chat template, answer position last
-    text = j.tokenizer.decode(j.render("Q?", "x", "y"))  # RLHFlow layout: plain context, no BOS, no gen. prompt
-    assert text == "user: [CONTEXT] \n\n\n<turn> user\n Q?\n\n\n [RESPONSE A] x [RESPONSE B] y \n\n"
+    # RLHFlow layout: plain context, no generation prompt; this template writes <s> at every turn, so it stays
+    text = j.tokenizer.decode(j.render("Q?", "x", "y"))
+    assert text == "<s>user: [CONTEXT] \n\n\n<turn> user\n Q?\n\n\n [RESPONSE A] x [RESPONSE B] y \n\n"
     j2 = make_judge(JudgeConfig(kind="pairwise", model_path=str(j.cfg.model_path), context_format="chat_template",
                                 add_generation_prompt=True, strip_bos=False))
     assert j2.tokenizer.decode(j2.render("Q?", "x", "y")) == (
@@ -115,7 +116,7 @@ def test_position_bias_is_cancelled(pm):
 
 
 def test_config_errors(pm):
-    with pytest.raises(ConfigError, match="judge.token_a/token_b"):
+    with pytest.raises(ConfigError, match="judge.token_a: 'AB' is 2 tokens"):
         make_judge(JudgeConfig(kind="pairwise", model_path=str(pm), token_a="AB"))
     with pytest.raises(ConfigError, match="judge.template: missing placeholder"):
         make_judge(JudgeConfig(kind="pairwise", model_path=str(pm), template="{context} {response_a}"))

@@ -60,16 +60,21 @@ def test_seeded_rollout_on_a_server_without_deterministic_inference_says_so(capl
         assert eng.nondeterministic == [srv.url]
         assert ids(sg_engine([srv.url]).rollout(PROMPTS)) != ids(sg_engine([srv.url]).rollout(PROMPTS))
         assert ids(sg_engine([good.url]).rollout(PROMPTS)) == ids(sg_engine([good.url]).rollout(PROMPTS))
-        # unseeded rollouts make no reproducibility claim: nothing asked
-        before = sum(p == "/server_info" for p, _ in srv.requests)
-        sg_engine([srv.url], seed=None).rollout(PROMPTS)
-        assert sum(p == "/server_info" for p, _ in srv.requests) == before
+        # unseeded rollouts make no reproducibility claim: the server's mode is asked (to know whether it needs
+        # seeds drawn for it), but nothing is warned
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_inpo.rollout.sglang"):
+            sg_engine([srv.url], seed=None).rollout(PROMPTS)
+        assert not [r for r in caplog.records if "NOT be reproducible" in r.getMessage()]
 
 
 def test_unseeded_uses_n_and_parses_prompt_major_lists():
-    with FakeSGLang() as srv:
+    # a server that ignores seeds (no --enable-deterministic-inference) samples the n copies independently
+    with FakeSGLang(deterministic=False) as srv:
         eng = sg_engine([srv.url], seed=None, request_prompts=3)
         rs = eng.rollout(PROMPTS)
+        assert eng.honours_seeds == [False]
+        assert all(c.seed is None for r in rs for c in r.completions)  # the server's own randomness
         assert [len(r.completions) for r in rs] == [4] * 6
         bodies = [b for p, b in srv.requests if p == "/generate"]
         assert len(bodies) == 2 and all(b["sampling_params"]["n"] == 4 for b in bodies)
@@ -78,6 +83,64 @@ def test_unseeded_uses_n_and_parses_prompt_major_lists():
         # a single prompt with n=1 gets a dict back (not a list): still parsed
         one = sg_engine([srv.url], n=1, seed=None).generate([[1, 2, 3]])
         assert len(one) == 1 and len(one[0]) == 1
+
+
+def _samples(r):
+    return [tuple(c.token_ids) for c in r.completions]
+
+
+def test_unseeded_rollout_on_deterministic_servers_draws_distinct_seeds():
+    """A server started with --enable-deterministic-inference seeds every request without sampling_seed with 42
+    (SGLang 0.5.23 sampling/sampling_batch_info.py; multinomial_with_seed draws from the seed and the positions
+    only), so the n=K samples of one unseeded request are identical, every tournament a tie. The client draws K
+    distinct seeds per prompt from the OS instead and records each with its sample."""
+    prompts = PROMPTS[:3]
+    # deterministic, as the launch scripts start them; no early EOS, so distinct seeds give distinct samples (two
+    # one-token EOS answers would be equal whatever their seeds)
+    with FakeSGLang(eos_prob=0.0) as srv:
+        # the failure being avoided: n=K on such a server gives K copies of one sample
+        pool = SGLangPool([srv.url])
+        same = pool.request("/generate", {"input_ids": [1, 5, 6, 7], "sampling_params": {"n": 8,
+                                                                                         "max_new_tokens": 8}})
+        assert len(same) == 8 and len({tuple(x["output_ids"]) for x in same}) == 1
+
+        eng = sg_engine([srv.url], n=8, seed=None)
+        rs = eng.rollout(prompts)
+        assert eng.honours_seeds == [True]
+        for r in rs:
+            assert len(set(_samples(r))) == 8  # K different samples
+            seeds = [c.seed for c in r.completions]
+            assert len(set(seeds)) == 8 and all(isinstance(x, int) and 0 <= x < 2 ** 63 for x in seeds)
+        bodies = [b for p, b in srv.requests if p == "/generate" and isinstance(b["sampling_params"], list)]
+        sent = [sp["sampling_seed"] for b in bodies for sp in b["sampling_params"]]
+        assert sorted(sent) == sorted(c.seed for r in rs for c in r.completions)  # what was sent is recorded
+        assert all("n" not in sp for b in bodies for sp in b["sampling_params"])
+        # from the OS: another rollout of the same prompts draws other seeds, hence other samples
+        again = sg_engine([srv.url], n=8, seed=None).rollout(prompts)
+        assert {c.seed for r in again for c in r.completions}.isdisjoint(sent)
+        # ... and a recorded seed reproduces its sample on a deterministic server
+        first = rs[0].completions[0]
+        redo = pool.request("/generate", {"input_ids": rs[0].prompt_ids, "sampling_params": {
+            "max_new_tokens": 8, "sampling_seed": first.seed}})
+        assert redo["output_ids"] == first.token_ids
+
+
+def test_drawn_seeds_are_written_to_the_rollout_file(tmp_path):
+    import contextlib
+    import json
+
+    from megatron_inpo.rollout.pipeline import rollout_stage
+
+    with FakeSGLang() as srv:
+        eng = sg_engine([srv.url], n=4, seed=None)
+        rollout_stage(PROMPTS[:2], lambda: contextlib.nullcontext(eng), tmp_path / "rollouts.jsonl", iteration=1)
+        rows = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        for row in rows:
+            seeds = [c["seed"] for c in row["completions"]]
+            assert len(set(seeds)) == 4 and all(isinstance(x, int) for x in seeds)
+        sent = {sp["sampling_seed"] for p, b in srv.requests if p == "/generate" for sp in b["sampling_params"]}
+        assert sent == {c["seed"] for row in rows for c in row["completions"]}
 
 
 def test_unknown_sampling_param_is_a_400_not_retried():

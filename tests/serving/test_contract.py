@@ -59,7 +59,8 @@ def test_the_upstream_module_is_the_wheels_own(contract):
 
 
 def test_rollout_requests_seeded_unseeded_n_and_batches_pass_the_contract(contract):
-    with FakeSGLang() as srv:
+    # a server that ignores seeds: unseeded rollouts send n=K (on one that honours them, drawn seeds: a list)
+    with FakeSGLang(deterministic=False) as srv:
         assert srv.contract is not None
         seeded = _engine(srv.url, n=4, seed=3).rollout(PROMPTS)  # per-sample seeds: a list of sampling_params
         unseeded = _engine(srv.url, n=4, seed=None).rollout(PROMPTS)  # n=4 in one dict for a batch
@@ -68,6 +69,12 @@ def test_rollout_requests_seeded_unseeded_n_and_batches_pass_the_contract(contra
         bodies = [b for p, b in srv.requests if p == "/generate"]
         assert any(isinstance(b["sampling_params"], list) for b in bodies)
         assert any(isinstance(b["sampling_params"], dict) and b["sampling_params"].get("n") == 4 for b in bodies)
+        assert _recheck(contract, srv, {"/generate": "GenerateRequest"}) == {"/generate"}
+    with FakeSGLang() as srv:  # honours seeds: unseeded rollouts send seeds drawn from the OS (int64 range)
+        unseeded = _engine(srv.url, n=4, seed=None).rollout(PROMPTS)
+        single = _engine(srv.url, n=1, seed=None).generate([[1, 2, 3]])
+        assert [len(r.completions) for r in unseeded] == [4] * 3 and len(single[0]) == 1
+        assert all(isinstance(b["sampling_params"], list) for p, b in srv.requests if p == "/generate")
         assert _recheck(contract, srv, {"/generate": "GenerateRequest"}) == {"/generate"}
 
 

@@ -1,7 +1,9 @@
-"""GPU memory of the SGLang servers (serving/memory_plan.py, `launch/sglang_servers.py plan`): SGLang's KV-cache
-rule applied in start order to the 8B and 70B recipes' layouts, the fractions the launch scripts used to pass
-(which leave the judge no KV cache), and launch/torchrun_inpo.sh starting its servers with the plan's fractions
-and --enable-deterministic-inference, or stopping before any server when the plan does not fit."""
+"""GPU memory of the SGLang servers (serving/memory_plan.py, `launch/sglang_servers.py plan`): SGLang's own runtime
+reserve (read against the wheel's arg_groups/memory_hook.py), SGLang's KV-cache rule applied in start order to the
+8B and 70B recipes' layouts, the fractions the launch scripts used to pass (which leave the judge no KV cache), and
+launch/torchrun_inpo.sh starting its servers with the plan's fractions and --enable-deterministic-inference, or
+stopping before any server when the plan does not fit."""
+import ast
 import json
 import os
 import stat
@@ -14,13 +16,71 @@ import pytest
 from megatron_inpo.config import ConfigError
 from megatron_inpo.driver.recipes import get_recipe
 from megatron_inpo.serving.memory_plan import (GIB, MemoryPlanError, ModelMemory, ServerSlot, llama_param_count,
-                                               plan_server_memory)
-from tests.helpers.rollout import LLAMA3_8B, LLAMA3_70B, REPO, free_port_pair
+                                               plan_server_memory, prefill_cuda_graph_sizes, sglang_defaults,
+                                               sglang_runtime_reserve_gib)
+from tests.helpers.rollout import LLAMA3_8B, LLAMA3_70B, REPO, SGLANG_TEST_DEPS, free_port_pair
 
 FAKE_SERVER = f"{sys.executable} {REPO / 'tests' / 'helpers' / 'rollout.py'}"
 
 # An H100 80GB reports 81559 MiB (79.6 GiB); about 0.6 GiB goes to the driver / CUDA context before any server.
 H100_FREE_GIB = 79.0
+# SGLang's reserve on such a GPU at TP1 (tier 60-90 GiB: chunked prefill 8192, 256 decode graphs, 58 prefill graphs)
+RESERVE_TP1 = (512 + 1.5 * 8192 + 1024 / 8 + 2 * 256 + 8 * 58) / 1024      # 13.58 GiB
+MEMORY_HOOK = SGLANG_TEST_DEPS / "sglang" / "srt" / "arg_groups" / "memory_hook.py"
+CUDA_GRAPH_HOOK = SGLANG_TEST_DEPS / "sglang" / "srt" / "arg_groups" / "cuda_graph_hook.py"
+
+
+def test_runtime_reserve_is_sglangs_own_rule():
+    """The issue's figures for an 80 GiB GPU: 512 MiB + 1.5 MiB x 8192 + TP/8 GiB + 2 MiB x (256 at TP<4, 512 at
+    TP>=4) = 13.125 GiB at TP1 and 14.5 GiB at TP8; SGLang 0.5.23 adds 8 MiB per prefill CUDA-graph capture size
+    (reserve_for_graph_mb; breakable prefill graphs are its default on CUDA), 58 sizes up to 8192 tokens."""
+    assert sglang_defaults(80) == (8192, 256) and sglang_defaults(80, tp=8) == (8192, 512)
+    assert sglang_runtime_reserve_gib(80, tp=1, prefill_cuda_graph=False) == 13.125
+    assert sglang_runtime_reserve_gib(80, tp=8, prefill_cuda_graph=False) == 14.5
+    assert sglang_runtime_reserve_gib(80, tp=1) == pytest.approx(13.578, abs=1e-3) == RESERVE_TP1
+    assert sglang_runtime_reserve_gib(80, tp=8) == pytest.approx(14.953, abs=1e-3)
+    assert (round(sglang_runtime_reserve_gib(80, tp=1), 1), round(sglang_runtime_reserve_gib(80, 8), 1)) == (13.6, 15.0)
+    # the chunked-prefill size drives activations and prefill graphs; 10 GiB stays a floor above 60 GiB
+    assert sglang_runtime_reserve_gib(80, chunked_prefill_size=2048) == 10.0
+    assert sglang_runtime_reserve_gib(80, chunked_prefill_size=16384) > sglang_runtime_reserve_gib(80) + 12
+    assert sglang_runtime_reserve_gib(40) == pytest.approx((512 + 1.5 * 4096 + 128 + 2 * 32 + 8 * 50) / 1024)
+    assert sglang_runtime_reserve_gib(141, tp=8) == sglang_runtime_reserve_gib(80, tp=8)  # H200: same tier
+    with pytest.raises(ConfigError, match="tp >= 1"):
+        sglang_runtime_reserve_gib(80, tp=0)
+
+
+def _sglang_function(path, name):
+    """One plain-Python function of an SGLang module, compiled from the wheel's source alone (the module imports
+    torch and CUDA packages, so it is never imported)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)  # noqa: S102 (sglang's own)
+    return ns[name]
+
+
+def test_runtime_reserve_follows_the_wheels_source():
+    if not MEMORY_HOOK.exists():
+        pytest.skip(f"the sglang wheel is not unpacked in {SGLANG_TEST_DEPS} (tools/setup.sh)")
+    # the prefill capture sizes are SGLang's own function, run from its source
+    theirs = _sglang_function(CUDA_GRAPH_HOOK, "generate_prefill_cuda_graph_batch_sizes")
+    for max_tokens in (2048, 4096, 8192, 16384):
+        assert prefill_cuda_graph_sizes(max_tokens) == theirs(max_tokens)
+    assert len(theirs(8192)) == 58 and len(theirs(4096)) == 50
+    # every term of the rule, as handle_gpu_memory_settings / reserve_for_graph_mb write it
+    src = MEMORY_HOOK.read_text(encoding="utf-8")
+    for term in ("reserved_mem = 512", "reserved_mem += activation_tokens * 1.5",
+                 "activation_tokens = max(cfg.chunked_prefill_size, 2048)",
+                 "reserved_mem += cfg.tp_size * cfg.pp_size / 8 * 1024",
+                 "reserved_mem += reserve_for_graph_mb(server_args)",
+                 "if gpu_mem is not None and gpu_mem > 60 * 1024:", "reserved_mem = max(reserved_mem, 10 * 1024)",
+                 "reserved_mem += decode_cuda_graph_config.max_bs * 2",
+                 "reserved_mem += len(prefill_cuda_graph_config.bs) * 8",
+                 "round((gpu_mem - reserved_mem) / gpu_mem, 3)"):
+        assert term in src, term
+    # the H100 tier: chunked prefill 8k, decode graphs up to 256 below TP4 and 512 from it
+    tier = src[src.index("elif gpu_mem < 90 * 1024:"):src.index("elif gpu_mem < 160 * 1024:")]
+    assert "chunked_prefill_size=8192" in tier and "max_bs = 256" in tier and "max_bs = 512" in tier
 
 
 def test_parameter_counts_and_kv_sizes_from_config():
@@ -48,29 +108,30 @@ def _min_tokens(recipe):
 
 def test_8b_recipe_one_node():
     """launch/torchrun_inpo.sh: 8 TP1 policy servers on GPUs 0-7, then the PM judge on GPU 0. SGLang's own
-    10 GiB runtime reserve per server on an 80 GB GPU; the KV left on GPU 0 is split equally. The judge's KV
-    depends on how much of its reserve policy server 0 holds when the judge starts: 14.50 GiB if 1 GiB
-    (context + CUDA graphs, the plan's figure), 9.04 GiB if all 10 GiB; never more than planned."""
+    13.58 GiB runtime reserve per server on an 80 GB GPU at TP1; the KV left on GPU 0 is split equally. The judge's
+    KV depends on how much of its reserve policy server 0 holds when the judge starts: 10.93 GiB if 1 GiB
+    (context + CUDA graphs, the plan's figure), 4.68 GiB if all of it; never more than planned."""
     pol_min, judge_min = _min_tokens("llama3_8b_h100")
     m = ModelMemory.from_hf_config(LLAMA3_8B)
     slots = [ServerSlot(f"policy {i}", m, (i,), pol_min) for i in range(8)] + [ServerSlot("judge", m, (0,), judge_min)]
     plans = {p.name: p for p in plan_server_memory(slots, H100_FREE_GIB)}
     p0, p1, j = plans["policy 0"], plans["policy 1"], plans["judge"]
-    assert (p0.mem_fraction, p1.mem_fraction, j.mem_fraction) == (0.373, 0.873, 0.607)
-    assert p0.kv_gib == pytest.approx(14.51, abs=0.01) and p1.kv_gib == pytest.approx(54.01, abs=0.01)
-    assert (round(j.kv_min_gib, 2), round(j.kv_gib, 2)) == (9.04, 14.50)   # 74k-119k tokens
-    assert j.free_at_start_gib == pytest.approx(79 - 14.96 - 14.51 - 1.0, abs=0.01)  # what policy 0 left
+    assert (p0.mem_fraction, p1.mem_fraction, j.mem_fraction) == (0.328, 0.828, 0.497)
+    assert p0.kv_gib == pytest.approx(10.95, abs=0.01) and p1.kv_gib == pytest.approx(50.45, abs=0.01)
+    assert (round(j.kv_min_gib, 2), round(j.kv_gib, 2)) == (4.68, 10.93)   # 38k-90k tokens
+    assert j.free_at_start_gib == pytest.approx(79 - 14.96 - 10.95 - 1.0, abs=0.01)  # what policy 0 left
+    assert all(p.reserve_gib == RESERVE_TP1 for p in plans.values())
     # SGLang's rule reproduces the planned KV: f * free_at_start - weights
     for p in plans.values():
         assert p.kv_gib == pytest.approx(p.mem_fraction * p.free_at_start_gib - m.weights_gib)
         assert p.kv_min_tokens >= max(pol_min, judge_min)
     # GPU 0 holds both at peak: weights + KV + reserve of each fit in 79 GiB (with the judge's largest KV)
-    assert 2 * (m.weights_gib + 10) + p0.kv_gib + j.kv_gib <= H100_FREE_GIB
+    assert 2 * (m.weights_gib + RESERVE_TP1) + p0.kv_gib + j.kv_gib <= H100_FREE_GIB
 
-    # The fractions the script passed before (policy 0.35 everywhere, judge 0.3): the judge sees ~41 GiB free
+    # The fractions the script passed before (policy 0.35 everywhere, judge 0.3): the judge sees ~38 GiB free
     # and 0.3 of it is less than its 14.96 GiB of weights: no KV cache at all, SGLang refuses to start.
     old = [ServerSlot(s.name, s.model, s.gpus, s.min_kv_tokens, 0.35 if s.name != "judge" else 0.3) for s in slots]
-    with pytest.raises(MemoryPlanError, match=r"judge \(GPUs 0\): mem_fraction 0.300 of the 41.4 GiB free at its "
+    with pytest.raises(MemoryPlanError, match=r"judge \(GPUs 0\): mem_fraction 0.300 of the 37.8 GiB free at its "
                                               r"start \(.*\) leaves no KV cache"):
         plan_server_memory(old, H100_FREE_GIB)
     # ... and even if policy 0 held only 1 GiB beyond its pool then: 0.3 x 50.35 - 14.96 = 0.15 GiB (1.2k tokens)
@@ -85,12 +146,13 @@ def test_70b_recipe_nodes():
     m70, m8 = ModelMemory.from_hf_config(LLAMA3_70B, tp=8), ModelMemory.from_hf_config(LLAMA3_8B)
     node0 = plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min),
                                 ServerSlot("judge", m8, (0,), judge_min)], H100_FREE_GIB)
-    assert [p.mem_fraction for p in node0] == [0.382, 0.601]
-    assert [round(p.kv_gib, 2) for p in node0] == [13.75, 13.78]       # per GPU; the policy's is 360k tokens
-    assert round(node0[1].kv_min_gib, 2) == 8.37                       # judge: 69k tokens at the least
-    assert node0[0].kv_tokens == pytest.approx(13.75 * GIB / 40960, rel=1e-3)
+    assert [p.mem_fraction for p in node0] == [0.328, 0.47]
+    assert [round(p.kv_gib, 2) for p in node0] == [9.48, 9.52]         # per GPU; the policy's is 249k tokens
+    assert round(node0[1].kv_min_gib, 2) == 2.97                       # judge: 24k tokens at the least
+    assert node0[0].kv_tokens == pytest.approx(9.48 * GIB / 40960, rel=1e-3)
+    assert [round(p.reserve_gib, 2) for p in node0] == [14.95, 13.58]  # SGLang's reserve at TP8 and at TP1
     other = plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min)], H100_FREE_GIB)
-    assert other[0].mem_fraction == 0.873 and round(other[0].kv_gib, 2) == 52.54
+    assert other[0].mem_fraction == 0.81 and round(other[0].kv_gib, 2) == 47.56
     # before: policy 0.5, judge 0.2 -> the judge gets 0.2 x 29.5 GiB = 5.9 GiB for 15 GiB of weights
     with pytest.raises(MemoryPlanError, match="judge.*leaves no KV cache"):
         plan_server_memory([ServerSlot("policy", m70, tuple(range(8)), pol_min, 0.5),
@@ -122,13 +184,35 @@ def test_plan_cli(tmp_path):
             "--policy-servers", "8", "--judge-model", str(pm), "--judge-gpus", "0", "--gpu-memory-gib", "79"]
     out = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["POLICY_MEM_FRACTIONS=0.373," + ",".join(["0.873"] * 7), "JUDGE_MEM_FRACTIONS=0.607"]
+    assert out.stdout.split() == ["POLICY_MEM_FRACTIONS=0.328," + ",".join(["0.828"] * 7), "JUDGE_MEM_FRACTIONS=0.497"]
     out = subprocess.run(base + ["--policy-mem-fraction", "0.35", "--judge-mem-fraction", "0.3"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == "" and "judge 0 (GPUs 0)" in out.stderr and "no KV cache" in out.stderr
     out = subprocess.run(base[:4] + [str(tmp_path / "nope"), "--gpu-memory-gib", "79"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "config.json not found" in out.stderr
+
+
+def _plan_fraction(sft, *extra):
+    out = subprocess.run([sys.executable, str(REPO / "launch/sglang_servers.py"), "plan", "--policy-model", str(sft),
+                          *extra], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.split("=")[1])
+
+
+def test_plan_of_8b_at_tp1_is_at_or_below_sglangs_own_default(tmp_path):
+    """Llama-3-8B alone at TP1 on an 80 GiB GPU: SGLang's own default fraction is round((gpu - reserve) / gpu, 3)
+    (memory_hook.py) = 0.830; the plan's must not exceed it (it gave 0.875 with a flat 10 GiB reserve, and the
+    server's first large prefill could then run out of memory)."""
+    sft, _ = _models(tmp_path)
+    sglang_default = round((80 * 1024 - RESERVE_TP1 * 1024) / (80 * 1024), 3)
+    assert sglang_default == 0.830
+    assert _plan_fraction(sft, "--gpu-memory-gib", "80") <= sglang_default
+    # with 0.6 GiB already taken by the driver, against SGLang's figure for the 80 GiB it sees in nvidia-smi
+    assert _plan_fraction(sft, "--gpu-memory-gib", "79.4", "--gpu-total-gib", "80") <= sglang_default
+    # --runtime-reserve-gib still overrides the rule; a larger --chunked-prefill-size reserves more
+    assert _plan_fraction(sft, "--gpu-memory-gib", "80", "--runtime-reserve-gib", "10") == 0.875
+    assert _plan_fraction(sft, "--gpu-memory-gib", "80", "--chunked-prefill-size", "16384") < sglang_default
 
 
 def _script_env(tmp_path, **extra):
@@ -158,7 +242,7 @@ def test_torchrun_script_starts_planned_deterministic_servers(tmp_path):
     argv[:2] = sorted(argv[:2], key=lambda a: int(a[a.index("--port") + 1]))  # policy 0 has the lower port
     frac = [a[a.index("--mem-fraction-static") + 1] for a in argv]
     # two policy servers on GPUs 0, 1 and the judge on GPU 0 of a 79 GiB GPU: the plan's fractions
-    assert frac == ["0.373", "0.873", "0.607"]
+    assert frac == ["0.328", "0.828", "0.497"]
     assert all("--enable-deterministic-inference" in a and "--enable-memory-saver" in a for a in argv)
     # one random API key per launch for every server; the driver gets it through the environment only
     keys = {a[a.index("--api-key") + 1] for a in argv}
