@@ -22,3 +22,8 @@ stages and their checkpoints.
 This is the only package that imports megatron.core (and transformer_engine), always lazily inside functions, so
 `import megatron_inpo.engine` itself stays cheap and works without them.
 """
+from megatron_inpo.engine.compat import quiet_upstream_notices
+
+# Before anything here imports Megatron-Core (whose imports print some of them): the CLI does the same first thing,
+# and a library user of the engine or the converters gets the same output.
+quiet_upstream_notices()
