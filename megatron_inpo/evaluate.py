@@ -25,10 +25,12 @@ from megatron_inpo.files import atomic_write_json, atomic_write_text
 
 
 def generate(rollout_cfg: Any, model_path: str, prompts: Sequence[Any], samples: int, sampling: Any,
-             cache: str | Path | None = None) -> list[dict]:
+             cache: str | Path | None = None, progress: bool = False) -> list[dict]:
     """`samples` responses per prompt from the HF policy at model_path: [{"id", "prompt", "outputs", "output_ids"}].
 
-    With `cache`, the generations are written there (atomically) and re-read on the next call (resumption)."""
+    With `cache`, the generations are written there (atomically) and re-read on the next call (resumption). With
+    `progress`, a bar counts the prompts (generated a batch of the engine's size at a time: each sample's seed
+    depends on its prompt only, so the batches do not change the text)."""
     if cache is not None and Path(cache).exists():
         return [json.loads(line) for line in open(cache, encoding="utf-8") if line.strip()]
     from megatron_inpo.rollout.engine import make_engine
@@ -40,7 +42,19 @@ def generate(rollout_cfg: Any, model_path: str, prompts: Sequence[Any], samples:
         if cfg.backend == "sglang":
             engine.update_weights(str(model_path), version=Path(model_path).name)
         # iteration 0: evaluation seeds never coincide with the training rollouts' seeds
-        rollouts = engine.rollout(list(prompts), iteration=0, sampling=sampling)
+        step = max(1, rollout_cfg.max_batch_sequences // samples) if progress else max(1, len(prompts))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc=f"eval {Path(model_path).name}", unit="prompt", leave=False)
+        rollouts = []
+        for i in range(0, len(prompts), step):
+            rollouts += engine.rollout(list(prompts[i:i + step]), iteration=0, sampling=sampling)
+            if bar is not None:
+                bar.update(len(prompts[i:i + step]))
+        if bar is not None:
+            bar.close()
     finally:
         engine.close()
     out = [{"id": r.prompt.id, "prompt": r.prompt.prompt, "outputs": [c.text for c in r.completions],
@@ -95,16 +109,17 @@ def alpaca_eval_records(gens: list[dict], generator: str, dataset: str = "megatr
 
 def evaluate_pair(rollout_cfg: Any, judge: Any, policy: str, baseline: str, prompts: Sequence[Any], samples: int,
                   sampling: Any, out_dir: str | Path, policy_name: str = "policy", baseline_name: str = "baseline",
-                  both_orders: bool = True, baseline_cache: str | Path | None = None) -> dict:
+                  both_orders: bool = True, baseline_cache: str | Path | None = None, progress: bool = False) -> dict:
     """Generate (or reuse cached generations), judge, and write result.json + AlpacaEval JSON into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    ga = generate(rollout_cfg, policy, prompts, samples, sampling, out_dir / f"{policy_name}.generations.jsonl")
+    ga = generate(rollout_cfg, policy, prompts, samples, sampling, out_dir / f"{policy_name}.generations.jsonl",
+                  progress)
     gb = generate(rollout_cfg, baseline, prompts, samples, sampling,
-                  baseline_cache or out_dir / f"{baseline_name}.generations.jsonl")
+                  baseline_cache or out_dir / f"{baseline_name}.generations.jsonl", progress)
     res = win_rate(judge, ga, gb, both_orders)
     res.update({"policy": str(policy), "baseline": str(baseline), "judge": getattr(judge, "name", "judge"),
                 "policy_length": length_stats(ga), "baseline_length": length_stats(gb)})

@@ -67,9 +67,22 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
 
     atomic_write_text(driver.run_dir / "table.txt", table + "\n")
     print("\n" + table)
-    print(f"\nrun directory: {driver.run_dir}  (results.json, table.txt"
+    print("\n" + stage_time_line(driver.manifest.stage_seconds()))
+    print(f"run directory: {driver.run_dir}  (results.json, table.txt"
           f"{', ' + Path(png).name if png else ''}, tensorboard/)")
     return 0
+
+
+def stage_time_line(seconds: dict[str, float]) -> str:
+    """The run's time by stage kind (iterations summed; a resumed run counts the attempts recorded), e.g.
+    'stage time: rollout 571 s (2x), train 180 s (2x), ...; total 1024 s'. Not part of table.txt: times differ
+    between runs, the table does not."""
+    kinds: dict[str, list[float]] = {}
+    for key, dt in seconds.items():
+        kinds.setdefault(key.split("/")[-1], []).append(dt)
+    parts = [f"{k} {sum(v):.0f} s" + (f" ({len(v)}x)" if len(v) > 1 else "")
+             for k, v in sorted(kinds.items(), key=lambda kv: -sum(kv[1]))]
+    return f"stage time: {', '.join(parts)}; total {sum(seconds.values()):.0f} s"
 
 
 def _quiet_libraries() -> None:

@@ -66,7 +66,8 @@ def _package_version() -> str | None:
         return None
 
 
-def _check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> None:
+    """ConvertError unless `path` is a GGUF file and the packages that read it are installed."""
     if not path.is_file():
         raise ConvertError(f"--gguf {path}: no such file")
     with open(path, "rb") as f:
@@ -84,7 +85,7 @@ def load_gguf(gguf_path: str | Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(gguf_path)
-    _check_gguf(path)
+    check_gguf(path)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=getattr(torch, dtype))
@@ -100,7 +101,7 @@ def materialize_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "f
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {list(DTYPES)}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    _check_gguf(gguf_path)
+    check_gguf(gguf_path)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
 

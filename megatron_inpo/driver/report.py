@@ -18,7 +18,33 @@ def format_table(rows: list[dict]) -> str:
     if rows and "ref_mean_tokens" in rows[0]:
         lines.append(f"pi_ref mean length: {rows[0]['ref_mean_tokens']:.2f} tokens; win rate = mean oracle "
                      "P(pi_t beats pi_ref) over held-out prompts, +- binomial standard error")
-    return "\n".join(lines)
+    return "\n".join(lines + ifbench_lines(rows))
+
+
+IFBENCH_COLUMNS = (("strict", "prompt_level", "strict prompt"), ("strict", "instruction_level", "strict instr."),
+                   ("loose", "prompt_level", "loose prompt"), ("loose", "instruction_level", "loose instr."))
+"""(mode, level, header) of the IFBench accuracy table, in IFBench's own order."""
+
+
+def ifbench_lines(rows: list[dict]) -> list[str]:
+    """The IFBench accuracy block (task.kind 'ifbench'): pi_ref, then pi_{t+1} of each iteration t, each accuracy
+    +- its standard error (task/ifbench.py), and the subset it is computed on."""
+    if not rows or "ifbench" not in rows[0]:
+        return []
+
+    def line(name: str, acc: dict) -> str:
+        return f"{name:>6} | " + " | ".join(f"{acc[m][lv]:.3f} +- {acc[m][lv + '_se']:.3f}".rjust(15)
+                                             for m, lv, _ in IFBENCH_COLUMNS)
+
+    head = f"{'policy':>6} | " + " | ".join(h.rjust(15) for _, _, h in IFBENCH_COLUMNS)
+    out = ["", f"IFBench accuracy of each policy on the held-out prompts (one response each, eval.sampling), +- standard error:", head,
+           "-" * len(head), line("pi_ref", rows[0]["ref_ifbench"])]
+    out += [line(f"pi_{r['iteration'] + 1}", r["ifbench"]) for r in rows]
+    unchecked = sum(r["ifbench"]["unchecked_instructions"] for r in rows) + rows[0]["ref_ifbench"][
+        "unchecked_instructions"]
+    out.append(rows[0]["ifbench"]["subset"] + (f"; {unchecked} instructions whose checker failed to run left out"
+                                                if unchecked else ""))
+    return out
 
 
 def with_meter_columns(rows: list[dict], lines: list[str]) -> list[str]:
@@ -67,7 +93,19 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if "ifbench" in rows[0]:
+        fig, (ax, ax3) = plt.subplots(1, 2, figsize=(11, 4))
+        # IFBench accuracy of pi_ref (x = 0) and of pi_{t+1} (x = t)
+        for mode, level, name in IFBENCH_COLUMNS:
+            accs = [rows[0]["ref_ifbench"]] + [r["ifbench"] for r in rows]
+            ax3.errorbar([0] + its, [a[mode][level] for a in accs], yerr=[a[mode][level + "_se"] for a in accs],
+                         marker="o", capsize=3, label=name)
+        ax3.set_xlabel("iteration t (0: pi_ref)")
+        ax3.set_ylabel("IFBench accuracy (x = 0: pi_ref, x = t: pi_{t+1})")
+        ax3.set_xticks([0] + its)
+        ax3.legend(fontsize="small")
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(its, [r["win_rate"] for r in rows], yerr=[r["stderr"] for r in rows], marker="o", capsize=4,
                 label="win rate vs pi_ref")
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
@@ -77,7 +115,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax2 = ax.twinx()
     ax2.plot(its, [r["mean_tokens"] for r in rows], color="tab:orange", marker="s", label="mean length")
     ax2.set_ylabel("mean response length (tokens)")
-    fig.legend(loc="upper center", ncol=2, fontsize="small")
+    handles = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]  # the IFBench panel has its own
+    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize="small")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -89,8 +89,10 @@ class RewardJudge(Judge):
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["pairwise", "reward", "programmatic"] = "pairwise"
-    """'pairwise': a preference model (RLHFlow style); 'reward': a BT reward model; 'programmatic': a callable."""
+    kind: Literal["pairwise", "reward", "programmatic", "verifiable"] = "pairwise"
+    """'pairwise': a preference model (RLHFlow style); 'reward': a BT reward model; 'programmatic': a callable;
+    'verifiable': a benchmark's own checker scores each response (`verifier`); it acts as a reward judge, so the
+    default selection is best/worst of K, and the tournament works too (P = 1, 0 or 1/2 on a tie)."""
     backend: Literal["local", "sglang"] = "local"
     """Where the judge model runs: in-process transformers or SGLang servers."""
     model_path: str = ""
@@ -99,6 +101,10 @@ class JudgeConfig:
     """SGLang judge servers (reward models need --is-embedding)."""
     function: str = ""
     """'module:function' for kind 'programmatic': f(prompt, a, b) -> P(a beats b)."""
+    verifier: Literal["ifbench_loose", "ifbench_strict"] = "ifbench_loose"
+    """Kind 'verifiable': the checker. 'ifbench_loose' / 'ifbench_strict': IFBench's official scorer
+    (megatron_inpo/task/ifbench.py); a response's score is the fraction of its prompt's instructions it follows
+    under the loose / strict check (prompts must be IFBench's, matched by text; judge/verifiable.py)."""
     function_inputs: Literal["text", "ids"] = "text"
     """Programmatic judges: pass texts, or token-id lists (prompt_ids, a_ids, b_ids), to the function."""
     preset: Literal["rlhflow_pm", "chat"] = "rlhflow_pm"
@@ -156,8 +162,12 @@ class JudgeConfig:
     """SGLang: requests in flight."""
 
     def validate(self) -> None:
-        if self.kind not in ("pairwise", "reward", "programmatic"):
-            raise ConfigError(f"judge.kind: must be pairwise, reward or programmatic, got {self.kind!r}")
+        if self.kind not in ("pairwise", "reward", "programmatic", "verifiable"):
+            raise ConfigError(f"judge.kind: must be pairwise, reward, programmatic or verifiable, got {self.kind!r}")
+        if self.kind == "verifiable":
+            if self.verifier not in VERIFIERS:
+                raise ConfigError(f"judge.verifier: one of {list(VERIFIERS)}, got {self.verifier!r}")
+            return
         if self.backend not in ("local", "sglang"):
             raise ConfigError(f"judge.backend: must be local or sglang, got {self.backend!r}")
         if self.kind == "programmatic":
@@ -221,9 +231,17 @@ PAIRWISE_PRESETS: dict[str, PairwiseRendering] = {
 """judge.preset -> the pairwise input format (README: "Judges")."""
 
 
+VERIFIERS = ("ifbench_loose", "ifbench_strict")
+"""judge.verifier values (kind 'verifiable')."""
+
+
 def make_judge(cfg: JudgeConfig) -> Judge:
     """Build the configured judge (validates the config first)."""
     cfg.validate()
+    if cfg.kind == "verifiable":
+        from megatron_inpo.judge.verifiable import IFBenchJudge
+
+        return IFBenchJudge(mode=cfg.verifier.removeprefix("ifbench_"))
     if cfg.kind == "programmatic":
         import importlib
 

@@ -198,12 +198,12 @@ METHODS = ("auto", "tournament", "best_worst", "all_pairs")
 
 def resolve_method(method: Method | str, judge_kind: str, objective_name: str = "") -> str:
     """The pair selection that `method` means for a judge of kind `judge_kind` ('pairwise', 'reward',
-    'programmatic') and the objective `objective_name`: 'auto' is all_pairs for sppo (it needs win rates), else
+    'programmatic', 'verifiable') and the objective `objective_name`: 'auto' is all_pairs for sppo (it needs win rates), else
     best_worst for reward models and the tournament for the others. ConfigError for an unknown method."""
     if method == "auto":
         if objective_name == "sppo":
             return "all_pairs"
-        return "best_worst" if judge_kind == "reward" else "tournament"
+        return "best_worst" if judge_kind in ("reward", "verifiable") else "tournament"
     if method not in METHODS:
         raise ConfigError(f"unknown pair-selection method {method!r}: auto, tournament, best_worst or all_pairs")
     return method

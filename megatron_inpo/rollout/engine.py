@@ -111,7 +111,8 @@ class RolloutConfig:
     dtype: str = "float32"
     """Local engine: parameter dtype ('float32', 'bfloat16', 'float16')."""
     max_batch_sequences: int = 64
-    """Local engine: sequences (prompts x K) decoded together in one forward."""
+    """Local engine: sequences (prompts x K) decoded together in one forward; a batch holds whole prompts (at
+    least one: K sequences when K is larger), each prompt run once for its K samples."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling parameters shared by both engines."""
 

@@ -143,22 +143,28 @@ class LocalEngine(RolloutEngine):
 
     def _generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                   seeds: Sequence[Sequence[int]] | None) -> list[list[Completion]]:
-        rows = []  # (prompt index, sample index, ids, seed): prompt-major like SGLang's n>1 lists
-        for i, ids in enumerate(prompt_ids):
-            for j in range(sampling.n):
-                rows.append((i, j, ids, seeds[i][j] if seeds is not None else random.getrandbits(63)))
-        results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompt_ids]
-        step = self.cfg.max_batch_sequences
-        for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            for (i, j, _, _), comp in zip(chunk, self._decode([r[2] for r in chunk], [r[3] for r in chunk], sampling)):
-                results[i][j] = comp
-        return results  # type: ignore[return-value]
+        n = sampling.n
+        row_seeds = [[seeds[i][j] if seeds is not None else random.getrandbits(63) for j in range(n)]
+                     for i in range(len(prompt_ids))]
+        results: list[list[Completion]] = [[] for _ in prompt_ids]
+        # prompts of similar length share a batch (left padding is compute spent on nothing: IFBench's prompts run
+        # from 45 to 2591 tokens), and each batch holds whole prompts, whose prompt is run once for its K samples
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        per_batch = max(1, self.cfg.max_batch_sequences // n)
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
+            comps = self._decode([prompt_ids[i] for i in chunk], [s for i in chunk for s in row_seeds[i]], sampling)
+            for k, i in enumerate(chunk):
+                results[i] = comps[k * n:(k + 1) * n]
+        return results
 
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig) -> list[Completion]:
-        dev = self.device
-        B, pad = len(prompts), self._pad_id()
+        """n samples of each prompt (rows prompt-major, seeds[k * n + j] for sample j of prompt k): the prompts are
+        run once and their KV cache repeated n times (the prefill of a prompt costs as much as decoding as many
+        tokens, so K copies of it would cost K times that)."""
+        dev, n = self.device, sampling.n
+        B, pad = len(prompts) * n, self._pad_id()
         input_ids, mask, pos = left_pad(prompts, pad, dev)
         seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)
         stop = self._stop_ids(sampling)
@@ -168,6 +174,9 @@ class LocalEngine(RolloutEngine):
         keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
         past, logits = getattr(out, kw), out.logits[:, -1, :]
+        if n > 1:
+            past.batch_repeat_interleave(n)
+            logits, mask, pos = (x.repeat_interleave(n, dim=0) for x in (logits, mask, pos))
         tokens: list[list[int]] = [[] for _ in range(B)]
         finish = ["length"] * B
         done = [False] * B

@@ -77,7 +77,7 @@ def memory_servers(rollout: Any, judges: Iterable[Any]) -> MemoryServers:
     if rollout.backend == "sglang":
         groups.append((rollout.server_urls, ["weights", "kv_cache"], getattr(rollout, "api_key", "")))
     for jc in judges:
-        if jc is not None and jc.kind != "programmatic" and jc.backend == "sglang":
+        if jc is not None and jc.kind in ("pairwise", "reward") and jc.backend == "sglang":
             groups.append((jc.server_urls, ["kv_cache"], getattr(jc, "api_key", "")))
     for urls, tags, key in groups:
         for u in urls:

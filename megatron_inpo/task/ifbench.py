@@ -380,3 +380,31 @@ def evaluate_responses(prompts: Sequence[IFBenchPrompt], responses: Sequence[str
         log.warning("IFBench: %d instructions of %d prompts could not be checked (the official checker raised); "
                     "left out, not counted as misses", out["unchecked_instructions"], out["unchecked_prompts"])
     return out
+
+
+def evaluate_generations(prompt_file: str | os.PathLike, generations_file: str | os.PathLike) -> dict:
+    """evaluate_responses over a run's evaluation: the held-out prompt file of write_prompt_files (its
+    'ifbench_key' per line) and the generations JSONL of megatron_inpo/evaluate.py ({"id", "outputs"}: the first
+    output of each prompt is scored). The subset label names the scorable subset and the eval prompts."""
+    by_key = {p.key: p for p in load_prompts()}
+    keyed = {}
+    with open(prompt_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                obj = json.loads(line)
+                if obj.get("ifbench_key") not in by_key:
+                    raise IFBenchError(f"{prompt_file}:{n}: field 'ifbench_key' {obj.get('ifbench_key')!r} is not "
+                                       "an IFBench prompt")
+                keyed[obj["id"]] = by_key[obj["ifbench_key"]]
+    prompts, responses = [], []
+    with open(generations_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                obj = json.loads(line)
+                if obj.get("id") not in keyed:
+                    raise IFBenchError(f"{generations_file}:{n}: id {obj.get('id')!r} is not in {prompt_file}")
+                prompts.append(keyed[obj["id"]])
+                responses.append(obj["outputs"][0])
+    whole = scorable(load_prompts())
+    return evaluate_responses(prompts, responses,
+                              subset=f"{describe_subset(whole)}; evaluated on {len(prompts)} held-out prompts")

