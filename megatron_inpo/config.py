@@ -121,7 +121,11 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node[p]
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ConfigError(f"override {item!r}: no config field {key!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: not a YAML value ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return from_dict(type(cfg), data, template=cfg)
 
 
@@ -132,6 +136,7 @@ def validate_all(cfg: Any, where: str = "") -> None:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             validate_all(v, f"{where}{f.name}.")
+        check_int_range(f"{where}{f.name}", v)
     if hasattr(cfg, "validate"):
         try:
             cfg.validate()
@@ -140,6 +145,24 @@ def validate_all(cfg: Any, where: str = "") -> None:
             if full != str(e):
                 raise ConfigError(full) from None
             raise
+
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+"""The range of every integer field: each reaches C somewhere (torch's seeds and sizes, struct, numpy)."""
+
+
+def check_int_range(name: str, value: Any) -> None:
+    """ConfigError naming the field when an integer (or an integer in a list) lies outside int64, or a seed is
+    negative: YAML reads a 43-digit number as a Python int, which fails only deep inside the stage that uses it."""
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if type(v) is not int:
+            continue
+        if not INT64[0] <= v <= INT64[1]:
+            raise ConfigError(f"{name}: {v} is out of range (integers must fit in 64 bits: "
+                              f"{INT64[0]} .. {INT64[1]})")
+        if name.rsplit(".", 1)[-1] == "seed" and v < 0:
+            raise ConfigError(f"{name}: a seed must be >= 0, got {v}")
 
 
 def qualify(message: str, where: str) -> str:
@@ -152,13 +175,64 @@ def qualify(message: str, where: str) -> str:
     return where + message
 
 
+MAX_YAML_NODES = 100_000
+"""The most nodes a YAML document of this project may expand to through its aliases (a config has hundreds)."""
+
+
+class YAMLBombError(yaml.YAMLError):
+    """A YAML document whose aliases expand it past MAX_YAML_NODES, or refer to themselves."""
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many nodes `root` stands for once every alias is expanded (capped at MAX_YAML_NODES + 1); shared nodes
+    are counted once per use, in time linear in the distinct nodes. YAMLBombError on a self-referring alias."""
+    cap = MAX_YAML_NODES + 1
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        key = id(node)
+        kids = ([n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else
+                list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if closing:
+            open_.discard(key)
+            sizes[key] = min(cap, 1 + sum(sizes[id(k)] for k in kids))
+        elif key in open_:
+            raise YAMLBombError("an alias refers to a node that contains it (a recursive document)")
+        elif key not in sizes:
+            open_.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids)
+    return sizes[id(root)]
+
+
+def load_yaml(stream: Any) -> Any:
+    """yaml.safe_load with alias expansion bounded: a document that would expand past MAX_YAML_NODES nodes (a
+    "billion laughs" bomb) or refer to itself raises YAMLBombError (a yaml.YAMLError) before anything is built.
+    Every YAML file or value this project reads goes through here."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node)
+        if n > MAX_YAML_NODES:
+            raise YAMLBombError(f"its aliases expand it to more than {MAX_YAML_NODES} nodes (an alias bomb?)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | os.PathLike) -> dict:
     """The top-level mapping of a YAML config file; a missing file, bad YAML or a non-mapping is a ConfigError."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
     except OSError as e:
         raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except YAMLBombError as e:
+        raise ConfigError(f"--config {path}: refused: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     except UnicodeDecodeError as e:

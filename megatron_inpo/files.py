@@ -118,3 +118,54 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --- one command per directory -------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+"""The lock file of a directory that one command at a time may write (a run directory)."""
+
+
+class DirectoryBusy(RuntimeError):
+    """Another live process holds the directory's lock; the message names it (pid, command, since when)."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        rec = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        return f"pid {rec['pid']}, `{rec['command']}`, since {rec['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that left no record"
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, what: str = "this directory", name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold `<directory>/<name>` (default `.lock`) exclusively while the block runs, or raise DirectoryBusy at once,
+    naming the holder.
+
+    flock(2): the kernel drops the lock with the last descriptor of its holder, so a SIGKILLed holder never leaves
+    a stale lock behind (the file stays, with the dead holder's record, and the next command takes it over). The
+    descriptor is close-on-exec: stage subprocesses do not inherit it, so a stage left running cannot hold the lock
+    of a driver that died (they die with it: their parent-death signal). The directory is created if missing."""
+    import fcntl
+    import sys
+    import time
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirectoryBusy(f"{directory}: {what} is in use by {_holder(fd)}; let it finish or stop it (Ctrl-C), "
+                                "then rerun") from None
+        argv = list(getattr(sys, "orig_argv", sys.argv))  # as typed: `python -m megatron_inpo run ...`
+        command = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "?"
+        record = json.dumps({"pid": os.getpid(), "command": command[:300],
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode("utf-8"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

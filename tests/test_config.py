@@ -78,3 +78,44 @@ def test_yaml_on_top_and_command_line_overrides(tmp_path):
         parse_override_args(["--lr"])
     with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
         parse_override_args(["stray"])
+
+
+BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize("where", ["top", "prompts"])
+def test_yaml_alias_bomb_is_refused_at_once_naming_the_file(tmp_path, capsys, where):
+    """A "billion laughs" document (9^9 nodes once its aliases are expanded): refused by the bounded loader before
+    anything is built, as top-level keys and inside `prompts:` alike (the latter ran for minutes and grew to 1 GB)."""
+    import time
+
+    from megatron_inpo.cli import main
+
+    # inside prompts: one list whose items hold the anchors, `prompts: [&l0 [...], &l1 [*l0, ...], ...]`
+    text = BOMB if where == "top" else "prompts:\n" + "".join(f"  - {line.split(': ', 1)[1]}"
+                                                             for line in BOMB.splitlines(True))
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(text)
+    t0 = time.monotonic()
+    assert main(["run", "--config", str(cfg), "--print-config"]) == 2
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err and "alias" in err, err
+
+
+def test_yaml_aliases_within_bounds_still_load(tmp_path):
+    from megatron_inpo.config import load_yaml
+
+    assert load_yaml("a: &x {lr: 0.1}\nb: *x\n") == {"a": {"lr": 0.1}, "b": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("override, field", [("seed=1234567890123456789012345678901234567890123", "seed"),
+                                             ("rollout.sampling.seed=-1", "rollout.sampling.seed"),
+                                             ("train.save_interval=99999999999999999999", "train.save_interval")])
+def test_integers_beyond_64_bits_and_negative_seeds_are_refused_naming_the_field(override, field, capsys):
+    """`--seed=` a 43-digit number was accepted by `run` and crashed `train` (Overflow when unpacking long long)."""
+    from megatron_inpo.cli import main
+
+    assert main(["run", "--recipe", "tiny_cpu", f"--{override}", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{field}: " in err, err

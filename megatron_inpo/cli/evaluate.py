@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(rcfg: Any, args: argparse.Namespace) -> int:
     import yaml
 
-    from megatron_inpo.config import ConfigError, from_dict
+    from megatron_inpo.config import ConfigError, from_dict, load_yaml
     from megatron_inpo.data.prompts import read_prompts
     from megatron_inpo.evaluate import evaluate_pair
     from megatron_inpo.judge.base import JudgeConfig, make_judge
@@ -76,7 +76,7 @@ def _run(rcfg: Any, args: argparse.Namespace) -> int:
     else:
         try:
             with open(args.judge_config, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
+                loaded = load_yaml(f) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"--judge-config {args.judge_config}: not readable YAML ({type(e).__name__})") from None
         if not isinstance(loaded, dict):

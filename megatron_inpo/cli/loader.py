@@ -22,22 +22,57 @@ the top-level `megatron-inpo` dispatcher around importing a command): each is ON
   checkpoint, conversion, SGLang requests that failed for good), a disk full (ENOSPC / EDQUOT), a read-only or
   forbidden directory (EROFS / EACCES / EPERM), a missing file, an unreachable server, and torch's
   CheckpointException (a BaseException that `except Exception` does not catch);
-- Ctrl-C exits 130 (EXIT_INTERRUPTED) with `interrupted; rerun the same command to resume` (every output is
-  written atomically or appended resumably, so the rerun continues where this one stopped);
+- Ctrl-C (SIGINT) exits 130 (EXIT_INTERRUPTED) with `interrupted; rerun the same command to resume`, SIGTERM (a
+  scheduler's preemption, `kill`) 143 (EXIT_TERMINATED) with `terminated; ...` (every output is written atomically
+  or appended resumably, so the rerun continues where this one stopped). Both are installed while the command
+  runs, whatever the process inherited: a command started with `&` from a script inherits SIGINT ignored (POSIX
+  shells do that to background jobs), and SIGTERM's default action ends the process without unwinding, which
+  leaves the stage worker to die of its parent-death signal instead of being stopped;
 - anything else is a bug and keeps its traceback. `MEGATRON_INPO_TRACEBACK=1` shows the traceback of every error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 INTERRUPTED = "interrupted; rerun the same command to resume"
+TERMINATED = "terminated; rerun the same command to resume"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a KeyboardInterrupt, so every cleanup that stops a stage on Ctrl-C
+    stops it on SIGTERM too; the exit status tells them apart (143)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM Terminated while the block runs (module docstring); the
+    handlers the process had are restored afterwards. Only the main thread can set them: elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 # The project's errors that mean "bad input or environment" (module, class); looked up in sys.modules only, so the
 # guard imports nothing: an exception of a class whose module was never imported cannot have been raised.
 INPUT_ERRORS = (
@@ -49,6 +84,7 @@ INPUT_ERRORS = (
     ("megatron_inpo.engine.mapping", "MappingError"),
     ("megatron_inpo.engine.parallel", "ParallelError"),
     ("megatron_inpo.serving.pool", "SGLangError"),
+    ("megatron_inpo.files", "DirectoryBusy"),
 )
 _RESUMABLE = "; rerun the same command to resume once that is fixed"
 
@@ -291,15 +327,17 @@ def explain(e: BaseException) -> str | None:
 
 
 def guard(prog: str, fn: Callable[[], int | None]) -> int:
-    """Run `fn()` and return its exit status; bad input / environment -> one line on stderr and 2, Ctrl-C -> 130
-    (see the module docstring). Bugs propagate with their traceback."""
+    """Run `fn()` and return its exit status; bad input / environment -> one line on stderr and 2, Ctrl-C -> 130,
+    SIGTERM -> 143 (see the module docstring). Bugs propagate with their traceback."""
     try:
-        return int(fn() or 0)
-    except KeyboardInterrupt:
+        with interrupts():
+            return int(fn() or 0)
+    except KeyboardInterrupt as e:
         if os.environ.get("MEGATRON_INPO_TRACEBACK"):
             raise
-        _say(f"{prog}: {INTERRUPTED}")
-        return EXIT_INTERRUPTED
+        term = isinstance(e, Terminated)
+        _say(f"{prog}: {TERMINATED if term else INTERRUPTED}")
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         msg = explain(e)
         if msg is None or os.environ.get("MEGATRON_INPO_TRACEBACK"):

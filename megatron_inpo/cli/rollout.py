@@ -18,6 +18,7 @@ Bad input, an unreachable server, a full disk exit 2 with a one-line message; Ct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field, replace
@@ -120,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
     # Bad prompts, another config's output, an unreachable server, a full disk, Ctrl-C: loader.guard's message.
     from megatron_inpo.data.prompts import read_prompts
-    from megatron_inpo.files import atomic_write_json
+    from megatron_inpo.files import atomic_write_json, exclusive
     from megatron_inpo.judge.base import make_judge
     from megatron_inpo.rollout.engine import load_tokenizer, make_engine, prompt_limits
     from megatron_inpo.rollout.pipeline import claim_output, generate_preferences
 
     prompts = read_prompts(args.prompts, limit=cfg.limit or None)
     out = Path(args.out)
-    claim_output(out, cfg, RESUME_MUTABLE)  # before any model loads: another config's output is refused at once
+    # before any model loads: another config's output is refused at once (recorded below, once all checks passed)
+    claim_output(out, cfg, RESUME_MUTABLE, record=False)
     # so are prompts outside the tokenizer's vocabulary or the model's positions: the tokenizer loads in a second,
     # the model may take minutes
     tok_path = cfg.rollout.tokenizer_path or cfg.rollout.model_path
@@ -135,17 +137,22 @@ def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
     read_prompts(args.prompts, limit=cfg.limit or None, **prompt_limits(cfg.rollout, tokenizer))
     engine = make_engine(cfg.rollout, tokenizer=tokenizer)
     judge = make_judge(cfg.judge)
-    try:
-        if cfg.rollout.backend == "sglang" and cfg.wait_healthy_s > 0:
-            _wait_healthy(engine.pool, cfg.wait_healthy_s)  # type: ignore[attr-defined]
-        stats = generate_preferences(prompts, engine, judge, out, method=cfg.method, iteration=cfg.iteration,
-                                     model_version=cfg.model_version or cfg.rollout.model_path,
-                                     batch_size=cfg.prompts_per_batch(), progress=not args.no_progress)
-    finally:
-        engine.close()
-        judge.close()
-    stats["engine"] = engine.meter.summary()
-    atomic_write_json(out.with_name(out.name + ".stats.json"), stats)
+    with contextlib.ExitStack() as held:
+        try:
+            if cfg.rollout.backend == "sglang" and cfg.wait_healthy_s > 0:
+                _wait_healthy(engine.pool, cfg.wait_healthy_s)  # type: ignore[attr-defined]
+            # one command per output (OUT.lock, taken once every check passed): a second would append the same
+            # prompts' pairs again
+            held.enter_context(exclusive(out.parent, f"the output {out.name}", name=out.name + ".lock"))
+            claim_output(out, cfg, RESUME_MUTABLE)  # the output is this config's from now on
+            stats = generate_preferences(prompts, engine, judge, out, method=cfg.method, iteration=cfg.iteration,
+                                         model_version=cfg.model_version or cfg.rollout.model_path,
+                                         batch_size=cfg.prompts_per_batch(), progress=not args.no_progress)
+        finally:
+            engine.close()
+            judge.close()
+        stats["engine"] = engine.meter.summary()
+        atomic_write_json(out.with_name(out.name + ".stats.json"), stats)
     print(f"{out}: {stats['pairs']} pairs, {stats['dropped']} dropped, {stats['skipped']} skipped (done before); "
           f"{stats['prompts_per_s']:.2f} prompts/s, {stats['tokens_per_s']:.1f} tokens/s")
     return 0

@@ -47,10 +47,8 @@ def check_export(hf_dir: Path, verify_digests: Optional[bool] = None) -> bool:
         raise ConvertError(str(e)) from None
 
 
-def read_hf_config(hf_dir: Path) -> dict:
-    p = Path(hf_dir) / "config.json"
-    if not p.exists():
-        raise ConvertError(f"{p}: missing (not a Hugging Face model directory)")
+def read_json_object(p: Path) -> dict:
+    """A JSON object file (config.json, generation_config.json, ...); ConvertError naming the file otherwise."""
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -60,6 +58,13 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ConvertError(f"{p}: expected a JSON object of config fields, got a {type(cfg).__name__}")
     return cfg
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    p = Path(hf_dir) / "config.json"
+    if not p.exists():
+        raise ConvertError(f"{p}: missing (not a Hugging Face model directory)")
+    return read_json_object(p)
 
 
 def arch_for(hf_config: dict, where: Path, tp: int = 1, pp: int = 1) -> LlamaArch:
@@ -163,6 +168,9 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
     check_export(hf_dir, verify_digests)
     hf_config = read_hf_config(hf_dir)
     arch = arch_for(hf_config, hf_dir / "config.json", tp, pp)
+    # read now, not after the weights are written: a broken file is refused before any work
+    gen = hf_dir / "generation_config.json"
+    gen_config = read_json_object(gen) if gen.exists() else None
     src = SafetensorsSource(hf_dir)
     expected = M.hf_names(arch)
     for name in expected:
@@ -263,11 +271,10 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
             (tmp / "tokenizer").mkdir()
             for p in tok_files:
                 shutil.copy2(p, tmp / "tokenizer" / p.name)
-        gen = hf_dir / "generation_config.json"
         meta = {"format_version": FORMAT_VERSION, "hf_config": hf_config, "padded_vocab_size": vp, "tp": tp,
                 "pp": pp, "layer_spec": layer_spec, "iteration": 0, "step": 0,
                 "tokenizer_dir": "tokenizer" if tok_files else None, "dtype": str(out_dtype).replace("torch.", ""),
-                "generation_config": json.loads(gen.read_text()) if gen.exists() else None,
+                "generation_config": gen_config,
                 "source": str(hf_dir)}
         # per-file sha256 (engine/trust.py): one extra read pass over the files just written
         meta[FILES_KEY] = file_digests(tmp)

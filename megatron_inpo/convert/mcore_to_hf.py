@@ -10,6 +10,7 @@ config.json, generation_config.json, tokenizer files; pad rows removed; dtype bf
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,25 @@ from megatron_inpo.engine import mapping as M
 from megatron_inpo.engine.checkpoint import META_FILE
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def save_shard(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, whose I/O failures (a full disk, a read-only directory) come as SafetensorError
+    carrying the OS message: raised again as the OSError they are, naming the file, so that every command reports
+    them in one line (cli/loader.describe_os_error) instead of a traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        msg = str(e)
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            if os.strerror(code) in msg:
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def parse_size(s) -> int:
@@ -150,7 +170,6 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
     """Convert; returns {"bytes", "seconds", "shards", "tensors", "verify_max_abs_err"}. dtype: bf16 | fp16 |
     fp32 | keep (the checkpoint's dtype). verify_digests: check the checkpoint's recorded file digests first
     (None: unless MEGATRON_INPO_NO_VERIFY=1)."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from megatron_inpo.engine import trust
@@ -181,7 +200,7 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
             nonlocal pending, pending_bytes
             if pending:
                 idx = len(shards)
-                save_file(pending, str(tmp / f".shard{idx}.safetensors"), metadata={"format": "pt"})
+                save_shard(pending, tmp / f".shard{idx}.safetensors")
                 shards.append(list(pending))
                 pending, pending_bytes = {}, 0
 

@@ -32,7 +32,7 @@ from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, Logp
                                           R, Rollouts, TaskFiles, TrainResult)
 from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_engine
 from megatron_inpo.faults import StageFault, fault_point
-from megatron_inpo.files import atomic_write_json
+from megatron_inpo.files import atomic_write_json, exclusive
 from megatron_inpo.serving.pool import SGLangError, SGLangPool, resolve_api_key
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,8 @@ def _check_prompt_files(cfg: RunConfig, hf: Path) -> None:
     tok_path = rollout.tokenizer_path or str(hf)
     try:
         tokenizer = load_tokenizer(tok_path)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a broken directory
-        field = "rollout.tokenizer_path" if rollout.tokenizer_path else "model.hf_path"
-        raise ConfigError(f"{field}: cannot load a tokenizer from {tok_path} ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    except ConfigError as e:  # names the directory; the field says where it was configured
+        raise ConfigError(f"{'rollout.tokenizer_path' if rollout.tokenizer_path else 'model.hf_path'}: {e}") from None
     for _, p, sampling in files:
         read_prompts(p, **prompt_limits(replace(rollout, sampling=sampling), tokenizer))
 
@@ -146,16 +144,18 @@ class Driver:
         self.stages: Any = None
         self._tb = None
         self._judge = None
+        self._held: contextlib.ExitStack | None = None
         self._stage_key = "driver"
         """The running stage: names the fault points of the server-memory calls made inside it."""
 
     # -- Algorithm 1 ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        try:
-            return self._run()
-        finally:
-            if self.stages is not None:
-                self.stages.close()  # the persistent stage worker, if one runs
+        with contextlib.ExitStack() as self._held:  # the run directory's lock, taken by _start
+            try:
+                return self._run()
+            finally:
+                if self.stages is not None:
+                    self.stages.close()  # the persistent stage worker, if one runs
 
     def _run(self) -> list[dict]:
         cfg = self.cfg
@@ -192,6 +192,9 @@ class Driver:
         """Checks, the manifest (a new run or the one to resume), leftovers of a killed run, the policy engine."""
         cfg = self.cfg
         preflight(cfg)
+        # one driver per run directory: a second one would resume the stage this one is running, into the same files
+        # (taken after the checks, so that a refused command leaves nothing behind)
+        self._held.enter_context(exclusive(self.run_dir, "the run directory"))
         self.manifest = Manifest.open(self.run_dir, cfg)
         orphan = reap_orphan_stage(self.run_dir)
         if orphan:

@@ -43,7 +43,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from megatron_inpo.config import ConfigError, save_yaml, to_dict
+from megatron_inpo.config import ConfigError, load_yaml, save_yaml, to_dict
 from megatron_inpo.files import atomic_write_json
 from megatron_inpo.serving.pool import TRANSPORT_FIELDS
 
@@ -157,7 +157,7 @@ class Manifest:
         advice = "resume it with the same command or use a new run_dir"
         if saved.exists():
             try:
-                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+                old = load_yaml(saved.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{saved}: not a readable YAML config ({type(e).__name__}); restore it or use a "
                                   "new run_dir") from None

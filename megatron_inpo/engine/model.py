@@ -87,7 +87,8 @@ class LlamaArch:
     def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaArch":
         archs = hf.get("architectures") or []
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ConfigError(f"config.json architectures={archs}: unsupported (supported: {SUPPORTED_ARCHITECTURES})")
+            raise ConfigError(f"config.json architectures={archs}: unsupported (supported: "
+                              f"{list(SUPPORTED_ARCHITECTURES)})")
         if not archs and hf.get("model_type", "llama") != "llama":
             raise ConfigError(f"config.json model_type={hf.get('model_type')!r}: unsupported (supported: llama)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -98,10 +99,20 @@ class LlamaArch:
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key):
                 raise ConfigError(f"config.json {key}=true: biases are not supported for the Llama family")
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):  # optional, but typed
+            if hf.get(key) is not None and (type(hf[key]) is not int or hf[key] <= 0):
+                raise ConfigError(f"config.json {key}={hf[key]!r}: must be a positive integer")
+        for key in ("rms_norm_eps", "rope_theta"):
+            if hf.get(key) is not None and (type(hf[key]) not in (int, float) or not hf[key] > 0):
+                raise ConfigError(f"config.json {key}={hf[key]!r}: must be a positive number")
         heads = hf["num_attention_heads"]
         groups = hf.get("num_key_value_heads") or heads
         if heads % groups:
-            raise ConfigError(f"config.json num_key_value_heads={groups} does not divide num_attention_heads={heads}")
+            raise ConfigError(f"config.json num_key_value_heads={groups} must divide num_attention_heads={heads} "
+                              "(whole query groups)")
+        if not hf.get("head_dim") and hf["hidden_size"] % heads:
+            raise ConfigError(f"config.json hidden_size={hf['hidden_size']} must be divisible by "
+                              f"num_attention_heads={heads} (no head_dim given)")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         rope = rope_parameters(hf)
         if rope["rope_type"] not in ("default", "llama3", "linear"):

@@ -93,9 +93,6 @@ def train(cfg: TrainStageConfig) -> dict:
     runtime = init_runtime(cfg.megatron, cfg.seed)
     cfg.validate_runtime(runtime.world_size, runtime.cuda)
     precision = cfg.megatron.model.resolved_precision(runtime.cuda)
-    if runtime.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "train_config.yaml")
     built = build_policy(init_meta["hf_config"], cfg.megatron, runtime, init_meta["padded_vocab_size"])
     model = wrap_ddp(built.model, cfg.megatron, precision)
     optimizer, scheduler = build_optimizer(cfg.train, cfg.megatron.parallel, model, precision, steps)
@@ -112,6 +109,10 @@ def train(cfg: TrainStageConfig) -> dict:
     else:
         # The optimizer is passed so that its fp32 master weights (bf16) are refreshed from the loaded weights.
         ckpt.load_checkpoint(cfg.init_checkpoint, model, optimizer, load_rng=False, optimizer_state=False)
+    # written once the init checkpoint has loaded (and passed its trust checks): a refused stage writes nothing
+    if runtime.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "train_config.yaml")
     meta = {"hf_config": init_meta["hf_config"], "padded_vocab_size": built.padded_vocab_size,
             "layer_spec": built.layer_spec}
     trainer = _Trainer(cfg, items, runtime, model, optimizer, scheduler, built, digest, meta)

@@ -298,6 +298,10 @@ class RolloutEngine(abc.ABC):
                     raise DataError(f"{where}: field 'prompt' has {len(p.prompt)} characters, more than the "
                                     f"model's positions can hold as tokens (limit {max_chars} characters); refused "
                                     "before tokenizing")
+                unknown = unknown_words(self.tokenizer, p.prompt)
+                if unknown:
+                    raise DataError(f"{where}: field 'prompt' has words the tokenizer does not know, which it would "
+                                    f"read as its unknown token: {unknown[:5]}")
                 ids = encode_prompt(self.tokenizer, p.prompt, self.cfg.chat_template)
                 if not ids:
                     raise DataError(f"{where}: field 'prompt' gives no tokens")
@@ -318,6 +322,19 @@ class RolloutEngine(abc.ABC):
             seeds = [[prompt_seed(sampling.seed, iteration, p.id, j) for j in range(sampling.n)] for p in prompts]
         outs = self.generate(ids, sampling, seeds)
         return [Rollout(p, i, o) for p, i, o in zip(prompts, ids, outs)]
+
+
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """The words of `text` that a word-level tokenizer (tokenizers' WordLevel model, like the synthetic task's) has
+    no entry for: it maps each to its unknown token silently (the synthetic task's is <pad>), so a prompt would
+    lose them without a sign. Subword and byte-level tokenizers spell any text and give []."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is None or type(model).__name__ != "WordLevel" or backend.pre_tokenizer is None:
+        return []
+    words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)
+                                                                   if backend.normalizer else text)]
+    return [w for w in words if model.token_to_id(w) is None]
 
 
 def prompt_char_bound(tokenizer: Any, positions: int | None) -> int | None:
@@ -355,9 +372,17 @@ def prompt_limits(cfg: RolloutConfig, tokenizer: Any) -> dict[str, int | None]:
 
 
 def load_tokenizer(path: str) -> Any:
+    """AutoTokenizer.from_pretrained(path); a directory it cannot read (corrupt tokenizer.json, missing files) is a
+    ConfigError naming it, not transformers' traceback."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from megatron_inpo.config import ConfigError
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {first})") from None
 
 
 def make_engine(cfg: RolloutConfig, tokenizer: Any = None) -> RolloutEngine:

@@ -98,8 +98,17 @@ class LocalEngine(RolloutEngine):
 
         from megatron_inpo.engine.trust import verify_export
 
+        from megatron_inpo.config import ConfigError
+
         verify_export(path)  # an export of this project is checked against its digest record first
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # a broken directory, not a bug here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = _shape_mismatch(path) or f"{type(e).__name__}: {first}"
+            raise ConfigError(f"{path}: cannot load the model ({why})") from None
         return model.to(cfg.device).eval()
 
     def update_weights(self, model_path: str, version: str = "") -> None:
@@ -197,3 +206,23 @@ class LocalEngine(RolloutEngine):
             past, logits = getattr(out, kw), out.logits[:, -1, :]
         return [Completion(text=self.tokenizer.decode(t, skip_special_tokens=True), token_ids=t, finish_reason=f)
                 for t, f in zip(tokens, finish)]
+
+
+def _shape_mismatch(path: str) -> str | None:
+    """The first weight whose shape differs from what config.json makes of it, in words (transformers' own message
+    points at a load report that its quiet logging never shows); None when there is none or it cannot be told."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from megatron_inpo.convert.safetensors_io import SafetensorsSource
+
+        src = SafetensorsSource(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        for name, p in skeleton.state_dict().items():
+            if name in src.tensors and tuple(src.info(name).shape) != tuple(p.shape):
+                return (f"{name}: shape {tuple(src.info(name).shape)} in the weights, {tuple(p.shape)} from "
+                        "config.json (a config.json that does not describe these weights, e.g. its vocab_size)")
+    except Exception:  # noqa: BLE001 - a diagnosis only: the caller reports the original error instead
+        return None
+    return None

@@ -81,13 +81,15 @@ def _has_records(path: Path) -> bool:
         return False
 
 
-def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[str]) -> None:
+def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[str], record: bool = True) -> None:
     """Check that `out_path` (and its .dropped.jsonl) may be resumed by `cfg`, then record cfg next to it
     (`<out>.config.yaml` and `<out>.identity.json`). An output with records made by a config whose identity
-    (`cfg` less the `mutable` fields) differs is refused with a ConfigError listing the fields."""
+    (`cfg` less the `mutable` fields) differs is refused with a ConfigError listing the fields. record=False:
+    the check alone (a command checks first and records only once every other check has passed, so that a refused
+    command writes nothing)."""
     import yaml
 
-    from megatron_inpo.config import ConfigError, save_yaml, to_dict
+    from megatron_inpo.config import ConfigError, load_yaml, save_yaml, to_dict
     from megatron_inpo.driver.manifest import config_diff, different_config, identity, identity_digest
     from megatron_inpo.files import atomic_write_json
 
@@ -113,7 +115,7 @@ def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[s
                                   "another --out")
         elif saved.exists():  # an output from before the identity sidecar
             try:
-                old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+                old = load_yaml(saved.read_text(encoding="utf-8")) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{saved}: not a readable YAML config ({type(e).__name__})") from None
             diff = config_diff(old if isinstance(old, dict) else {}, to_dict(cfg), mutable)
@@ -123,8 +125,9 @@ def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[s
             raise ConfigError(f"{out_path} holds records, but neither {side.name} nor {saved.name} next to it says "
                               "which config made them, so they cannot be resumed safely; write to another --out "
                               "(or move the file away)")
-    save_yaml(cfg, saved)
-    atomic_write_json(side, {"format_version": IDENTITY_FORMAT, "sha256": digest, "fields": fields})
+    if record:
+        save_yaml(cfg, saved)
+        atomic_write_json(side, {"format_version": IDENTITY_FORMAT, "sha256": digest, "fields": fields})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -208,6 +208,8 @@ def test_rollout_unreachable_server(tmp_path, policy, capsys):
     assert top_main(_argv(tmp_path, policy, *sglang, "wait_healthy_s=0.5")) == EXIT_BAD_INPUT
     line = _one_error_line(capsys.readouterr().err)
     assert "rollout.server_urls: SGLang server(s) not healthy" in line and url in line and "unreachable?" in line
+    # a refused command writes nothing: no output, no config / identity records beside it (issue 21)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
     assert top_main(_argv(tmp_path, policy, *sglang, "wait_healthy_s=0")) == EXIT_BAD_INPUT
     line = _one_error_line(capsys.readouterr().err)
     assert "failed after 1 attempt(s)" in line and url in line

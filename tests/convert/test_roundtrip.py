@@ -151,3 +151,27 @@ def test_sharded_keys_match_megatron_model(hf_dirs, tmp_path):
         got = {k: (tuple(m.size) if hasattr(m, "size") else None) for k, m in md.items()}
         assert got == want
         parallel.destroy()
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(hf_dirs, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError (not an OSError): the export names the file in one line,
+    exit 2, and the half-written output is gone (issue 21: it was a traceback, rc 1)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from megatron_inpo.cli.convert import main
+
+    mc = tmp_path / "mc"
+    assert main(["hf-to-mcore", "--hf-dir", str(hf_dirs["gqa_tied"]), "--mcore-dir", str(mc), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def full(*a, **k):  # the message safetensors' Rust writer gives for ENOSPC
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "hf"
+    assert main(["mcore-to-hf", "--mcore-dir", str(mc), "--hf-dir", str(out), "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no space left on device" in err[0].lower() and ".shard0.safetensors" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob("hf*"))

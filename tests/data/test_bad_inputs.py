@@ -221,6 +221,10 @@ def _prompt_cases(command: str = "prompts") -> list[Case]:
             bad("prompt-too-many-tokens", {"id": "b", "prompt": "y" * (PROMPT_POSITIONS - 2)},
                 "field 'prompt' has 80 tokens; with max_new_tokens=4 that is "
                 f"more than the model's {PROMPT_POSITIONS} positions"),
+            # a word-level tokenizer reads what it does not know as its unknown token, silently (issue 21)
+            bad("prompt-unknown-words", {"id": "b", "prompt": "ok \x00 \u200f"},
+                "field 'prompt' has words the tokenizer does not know, which it would read as its unknown token: "
+                "['\\x00', '\\u200f']"),
         ]
     return cases
 
@@ -355,8 +359,11 @@ def test_good_files_pass_every_check(tmp_path, prompt_engine):
                         + _line({"id": "c", "prompt": "y" * 30}))
     recs = read_prompts(prompts)
     assert recs[0].source == f"{prompts}:1" and recs[0] == PromptRecord("1", "é" * 20)
-    rolls = prompt_engine.rollout(recs)
-    assert rolls[1].prompt_ids == [1, 5] and len(rolls[2].prompt_ids) + 4 <= PROMPT_POSITIONS
+    rolls = prompt_engine.rollout(recs[1:])
+    assert rolls[0].prompt_ids == [1, 5] and len(rolls[1].prompt_ids) + 4 <= PROMPT_POSITIONS
+    # read fine, but the test tokenizer (printable ASCII, word level) has no 'é': refused, not read as its '?'
+    with pytest.raises(DataError, match=r"q.jsonl:1: field 'prompt' has words the tokenizer does not know"):
+        prompt_engine.rollout(recs[:1])
 
 
 def test_prompt_limits_at_read_time(tmp_path):
@@ -430,6 +437,7 @@ def test_real_commands_exit_2_with_one_line(command, content, expect, tmp_path, 
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr and len(lines) == 1 and expect in lines[0], r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]  # a refused command writes nothing
 
 
 def test_engine_without_known_positions_bounds_text_by_the_tokenizer(tmp_path):

@@ -261,6 +261,7 @@ def test_train_and_logprobs_refuse_a_pickled_payload(made, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and ".metadata: refused: references posix.system" in lines[0], proc.stderr[-3000:]
     assert not (tmp_path / "PWNED_md").exists()
+    assert not (tmp_path / "out").exists()  # refused: not even its train_config.yaml is written
 
     evil_common = _copy(made, tmp_path, "evil_common")
     _evil_common(evil_common, tmp_path / "PWNED_common")

@@ -34,11 +34,13 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> s
 
 
 def stage_processes_left() -> list[int]:
-    """Processes of this test session (its PYTEST_XDIST_WORKER, inherited by the runs it starts) that carry a stage
-    token: stage subprocesses, the stage worker, their helpers. Sessions side by side do not see each other's."""
+    """Processes of this test session (its token, tests/conftest.py SESSION_ENV, inherited by the runs it starts)
+    that carry a stage token: stage subprocesses, the stage worker, their helpers. Sessions side by side, with or
+    without xdist, do not see each other's."""
     from megatron_inpo.driver.launcher import STAGE_TOKEN_ENV
+    from tests.conftest import SESSION_ENV
 
-    session = f"PYTEST_XDIST_WORKER={os.environ.get('PYTEST_XDIST_WORKER', '')}".encode()
+    session = f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode()
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -46,8 +48,7 @@ def stage_processes_left() -> list[int]:
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        theirs = next((v for v in env if v.startswith(b"PYTEST_XDIST_WORKER=")), b"PYTEST_XDIST_WORKER=")
-        if theirs == session and any(v.startswith(STAGE_TOKEN_ENV.encode() + b"=") for v in env):
+        if session in env and any(v.startswith(STAGE_TOKEN_ENV.encode() + b"=") for v in env):
             left.append(int(pid))
     return left
 
