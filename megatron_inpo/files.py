@@ -146,20 +146,37 @@ def exclusive(directory: str | os.PathLike, what: str = "this directory", name: 
     flock(2): the kernel drops the lock with the last descriptor of its holder, so a SIGKILLed holder never leaves
     a stale lock behind (the file stays, with the dead holder's record, and the next command takes it over). The
     descriptor is close-on-exec: stage subprocesses do not inherit it, so a stage left running cannot hold the lock
-    of a driver that died (they die with it: their parent-death signal). The directory is created if missing."""
+    of a driver that died (they die with it: their parent-death signal). The holder removes the file when the block
+    ends (still holding it) and the directory too if it made it and it is empty, so that a refused command leaves
+    nothing behind; a process that opened the file just before it was removed sees that its lock is on a removed
+    file and opens the new one."""
     import fcntl
     import sys
     import time
 
     directory = Path(directory)
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
+    path = directory / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DirectoryBusy(f"{directory}: {what} is in use by {_holder(fd)}; let it finish or stop it (Ctrl-C), "
+            holder = _holder(fd)
+            os.close(fd)
+            if made:
+                _remove_empty(directory)
+            raise DirectoryBusy(f"{directory}: {what} is in use by {holder}; let it finish or stop it (Ctrl-C), "
                                 "then rerun") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file after we opened it: lock the new one
+    try:
         argv = list(getattr(sys, "orig_argv", sys.argv))  # as typed: `python -m megatron_inpo run ...`
         command = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "?"
         record = json.dumps({"pid": os.getpid(), "command": command[:300],
@@ -168,4 +185,20 @@ def exclusive(directory: str | os.PathLike, what: str = "this directory", name: 
         os.pwrite(fd, record.encode("utf-8"), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still held: see the docstring
         os.close(fd)  # releases the lock
+        if made:
+            _remove_empty(directory)
+
+
+def _remove_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only if empty
+
+
+def exclusive_output(path: str | os.PathLike, what: str) -> contextlib.AbstractContextManager:
+    """exclusive() for one output file or directory of a command: the lock file is `<path>.lock` beside it, so
+    that a refused command does not create the output."""
+    path = Path(path)
+    return exclusive(path.parent, what, name=path.name + ".lock")

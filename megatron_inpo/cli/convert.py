@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from megatron_inpo.cli.loader import hold_output
+
+    output = args.mcore_dir if args.direction == "hf-to-mcore" else args.hf_dir
+    with hold_output(output, "the output directory"):  # one convert per output: both would replace it
+        return _convert_held(args)
+
+
+def _convert_held(args: argparse.Namespace) -> int:
     from megatron_inpo.cli.loader import one_line
     from megatron_inpo.config import ConfigError
     from megatron_inpo.convert import ConvertError

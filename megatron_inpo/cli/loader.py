@@ -73,6 +73,17 @@ def interrupts() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+def hold_output(path: str | os.PathLike, what: str) -> contextlib.AbstractContextManager:
+    """One command at a time per output (files.exclusive_output, `<path>.lock`; a second is refused naming the
+    holder): taken by global rank 0 only (RANK, torchrun's), so that the ranks of one command do not refuse each
+    other; the refused rank's exit ends the others (torchrun stops the group)."""
+    from megatron_inpo.files import exclusive_output
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return exclusive_output(path, what)
+
+
 # The project's errors that mean "bad input or environment" (module, class); looked up in sys.modules only, so the
 # guard imports nothing: an exception of a class whose module was never imported cannot have been raised.
 INPUT_ERRORS = (

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_logprobs(cfg)
 
     return run_engine_stage(command(), argv, run,
-                            lambda summary: f"logprobs: {summary}" if summary.get("rank0", True) else None)
+                            lambda summary: f"logprobs: {summary}" if summary.get("rank0", True) else None,
+                            lambda cfg: cfg.output)
 
 
 if __name__ == "__main__":

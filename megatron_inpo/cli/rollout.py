@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
     # Bad prompts, another config's output, an unreachable server, a full disk, Ctrl-C: loader.guard's message.
     from megatron_inpo.data.prompts import read_prompts
-    from megatron_inpo.files import atomic_write_json, exclusive
+    from megatron_inpo.cli.loader import hold_output
+    from megatron_inpo.files import atomic_write_json
     from megatron_inpo.judge.base import make_judge
     from megatron_inpo.rollout.engine import load_tokenizer, make_engine, prompt_limits
     from megatron_inpo.rollout.pipeline import claim_output, generate_preferences
@@ -143,7 +144,7 @@ def _run(cfg: RolloutStageConfig, args: argparse.Namespace) -> int:
                 _wait_healthy(engine.pool, cfg.wait_healthy_s)  # type: ignore[attr-defined]
             # one command per output (OUT.lock, taken once every check passed): a second would append the same
             # prompts' pairs again
-            held.enter_context(exclusive(out.parent, f"the output {out.name}", name=out.name + ".lock"))
+            held.enter_context(hold_output(out, "the output"))
             claim_output(out, cfg, RESUME_MUTABLE)  # the output is this config's from now on
             stats = generate_preferences(prompts, engine, judge, out, method=cfg.method, iteration=cfg.iteration,
                                          model_version=cfg.model_version or cfg.rollout.model_path,

@@ -35,18 +35,21 @@ def main(argv: list[str] | None = None) -> int:
             return f"trained: {result['final_checkpoint']}"
         return None
 
-    return run_engine_stage(command(), argv, train, report)
+    return run_engine_stage(command(), argv, train, report, lambda cfg: cfg.output_dir)
 
 
 def run_engine_stage(cmd: Command, argv: list[str] | None, fn: Callable[[Any], Any],
-                     report: Callable[[Any], str | None]) -> int:
-    """Shared body of the engine's commands: load the config, run `fn(cfg)`, tear down the process groups, print
-    `report(result)` (nothing for None). Bad config, data or checkpoints, a full disk, Ctrl-C, ...: the message of
-    loader.guard (exit 2, 130)."""
+                     report: Callable[[Any], str | None], output: Callable[[Any], str]) -> int:
+    """Shared body of the engine's commands: load the config, hold its `output(cfg)` (loader.hold_output: one
+    command per output), run `fn(cfg)`, tear down the process groups, print `report(result)` (nothing for None).
+    Bad config, data or checkpoints, a busy output, a full disk, Ctrl-C, ...: the message of loader.guard (exit 2,
+    130)."""
+    from megatron_inpo.cli.loader import hold_output
 
     def body(cfg: Any, _args: Any) -> int:
         try:
-            result = fn(cfg)
+            with hold_output(output(cfg), f"the output of {cmd.prog}"):
+                result = fn(cfg)
         finally:
             _shutdown()
         line = report(result)

@@ -6,7 +6,9 @@ Fields written by the judge stage are the dataclass fields below; the log-prob p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,8 +16,48 @@ from pathlib import Path
 from typing import Iterator
 
 
+log = logging.getLogger(__name__)
+
+
 class DataError(ValueError):
     """A data file is malformed; the message names the file and the 1-based line."""
+
+
+SEAL_FIELD = "record_sha256"
+"""The seal append_jsonl adds to every record of a resumable output (pairs, rollouts, log-prob chunks): the sha256
+of the record's canonical JSON without it. A crash can only tear the last line (repair_torn_tail); a record changed
+later (an edit, a bad disk, a copy gone wrong) still parses, and only its seal tells. A resumed stage drops such
+records and does their prompts again (drop_damaged); readers refuse them (unseal)."""
+
+
+def _digest(obj: dict) -> str:
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(line: str) -> str:
+    """One JSON object line with its SEAL_FIELD (replaced if present)."""
+    obj = json.loads(line)
+    obj.pop(SEAL_FIELD, None)
+    return json.dumps({**obj, SEAL_FIELD: _digest(obj)}, ensure_ascii=False)
+
+
+def seal_matches(obj: dict) -> bool | None:
+    """None: the record has no seal (written by hand or by a release before seals); else whether it matches."""
+    if SEAL_FIELD not in obj:
+        return None
+    rest = {k: v for k, v in obj.items() if k != SEAL_FIELD}
+    return obj[SEAL_FIELD] == _digest(rest)
+
+
+def unseal(obj: object, where: str) -> object:
+    """The record without its seal; DataError naming `where` if the seal does not match its content."""
+    if not isinstance(obj, dict) or SEAL_FIELD not in obj:
+        return obj
+    if not seal_matches(obj):
+        raise DataError(f"{where}: record changed after it was written (field {SEAL_FIELD!r} does not match its "
+                        "content)")
+    return {k: v for k, v in obj.items() if k != SEAL_FIELD}
 
 
 @dataclass
@@ -72,10 +114,12 @@ class PreferencePair:
                    and f.name not in obj]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}")
+        obj = unseal(obj, where)
         unknown = sorted(set(obj) - names)
         if unknown:
             raise DataError(f"{where}: unknown field(s) {unknown}")
         kw = dict(obj)
+        kw.pop(SEAL_FIELD, None)
         kw["prompt_id"] = check_id(obj["prompt_id"], where, "prompt_id")
         for key in ("prompt", "chosen", "rejected", "model_version", "judge"):
             if key in obj:
@@ -311,12 +355,13 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
 
 
 def append_jsonl(path: str | os.PathLike, lines: list[str]) -> None:
-    """Append JSON lines with one O_APPEND write and an fsync, so a batch is on disk before the next starts."""
+    """Append JSON object lines, each sealed (SEAL_FIELD), with one O_APPEND write and an fsync, so a batch is on
+    disk before the next starts."""
     if not lines:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    data = "".join(seal(line) + "\n" for line in lines).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         view = memoryview(data)
@@ -328,12 +373,41 @@ def append_jsonl(path: str | os.PathLike, lines: list[str]) -> None:
         os.close(fd)
 
 
+def drop_damaged(path: str | os.PathLike, key: str = "prompt_id") -> list[str]:
+    """Remove the records of a resumable output whose seal does not match (or that lost it while others have
+    theirs): they were changed after they were written. The file is rewritten atomically without them and each is
+    named in a warning; returns their descriptions. A file without any seal (hand-made, or from a release before
+    seals) is left as it is."""
+    from megatron_inpo.files import atomic_write_bytes
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    states = [(lineno, obj, seal_matches(obj) if isinstance(obj, dict) else False) for lineno, obj in iter_jsonl(path)]
+    if not any(state for _, _, state in states):
+        return []  # no record sealed: nothing to check against
+    bad = {lineno for lineno, _, state in states if not state}
+    if not bad:
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept = b"".join(line + b"\n" for i, line in enumerate(lines, start=1) if line.strip() and i not in bad)
+    atomic_write_bytes(path, kept)
+    named = [f"line {lineno}" + (f" ({key} {_short(obj[key])})" if isinstance(obj, dict) and key in obj else "")
+             for lineno, obj, state in states if lineno in bad]
+    log.warning("%s: %d record(s) changed after they were written (%s does not match): %s; dropped, done again",
+                path, len(named), SEAL_FIELD, ", ".join(named))
+    return named
+
+
 def read_done_ids(path: str | os.PathLike, key: str = "prompt_id") -> set[str]:
-    """Ids (field `key`) of every record in a JSONL file, after repairing a torn tail; empty if no file."""
+    """Ids (field `key`) of every record in a JSONL file, after repairing a torn tail and dropping damaged records
+    (drop_damaged: their prompts are done again); empty if no file."""
     path = Path(path)
     if not path.exists():
         return set()
     repair_torn_tail(path)
+    drop_damaged(path, key)
     done = set()
     for lineno, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or key not in obj:

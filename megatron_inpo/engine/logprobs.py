@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,8 @@ from megatron_inpo.data.preferences import PreferencePair
 from megatron_inpo.engine.batches import SequenceBatch
 from megatron_inpo.engine.config import LogprobStageConfig
 from megatron_inpo.faults import hold_if_requested
+
+log = logging.getLogger(__name__)
 
 
 def forward_pair_logps(
@@ -88,6 +91,8 @@ class ProgressStore:
             repair_torn_tail(path)
 
     def done(self, role: str) -> dict[int, list[list[float]]]:
+        from megatron_inpo.data.preferences import seal_matches
+
         path = self.root / f"{role}.jsonl"
         out: dict[int, list[list[float]]] = {}
         if path.exists():
@@ -96,6 +101,9 @@ class ProgressStore:
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a torn tail (repaired at construction; kept safe for direct readers)
+                if seal_matches(obj) is False:  # changed after it was written: the chunk is computed again
+                    log.warning("%s: chunk %s changed after it was written; computed again", path, obj.get("chunk"))
+                    continue
                 out[int(obj["chunk"])] = obj["values"]
         return out
 

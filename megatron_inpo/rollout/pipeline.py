@@ -176,10 +176,10 @@ def _rollout_from_record(row: dict) -> "Rollout":
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    from megatron_inpo.data.preferences import iter_jsonl, repair_torn_tail
+    from megatron_inpo.data.preferences import iter_jsonl, repair_torn_tail, unseal
 
     repair_torn_tail(path)
-    return [obj for _, obj in iter_jsonl(path)]
+    return [unseal(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]  # type: ignore[misc]
 
 
 def _batch_line(desc: str, k: int, batches: int, done: int, total: int, t0: float, start_done: int,

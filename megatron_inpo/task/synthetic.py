@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_inpo.config import ConfigError
@@ -28,7 +28,7 @@ class TaskConfig:
     """Where the prompts come from when the run does not list prompt files: the generated word task (kind
     'synthetic') or game (kind 'game') of model.source 'synthetic', or IFBench (kind 'ifbench') for a real model."""
 
-    kind: str = "synthetic"
+    kind: str = field(default="synthetic", metadata={"values": ("synthetic", "game", "ifbench")})
     """'synthetic': word prompts, multi-token responses, an oracle with a rock-paper-scissors style term (this
     module); 'game': N single-token responses per prompt and an explicit intransitive preference matrix P_x per
     prompt, so the Nash policy and every policy's distribution are exact (megatron_inpo/task/game.py); 'ifbench':

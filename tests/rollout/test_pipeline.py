@@ -111,11 +111,48 @@ def test_lost_dropped_records_do_not_duplicate_pairs(eng, reference, tmp_path):
     assert mine.read_bytes() == out.read_bytes()
 
 
+def test_a_record_changed_after_it_was_written_is_named_dropped_and_done_again(eng, reference, tmp_path, caplog):
+    # issue 21: a middle line altered but still valid JSON was counted as finished on resume and kept
+    out, _ = reference
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    victim = json.loads(lines[1])
+    victim["chosen"] += " (edited)"
+    mine = tmp_path / "prefs.jsonl"
+    mine.write_text("".join([lines[0], json.dumps(victim, ensure_ascii=False) + "\n", *lines[2:]]), encoding="utf-8")
+    dropped_path(mine).write_bytes(dropped_path(out).read_bytes())
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: record changed after it was written"):
+        read_preferences(mine)  # a reader refuses it
+    with caplog.at_level("WARNING"):
+        s = generate_preferences(PROMPTS, eng, ProgrammaticJudge(pref_fn=longer, name="len"), mine, iteration=1,
+                                 model_version="it0", batch_size=3, progress=False)
+    assert f"line 2 (prompt_id {victim['prompt_id']!r})" in caplog.text and "dropped, done again" in caplog.text
+    assert s["generated"] == 1  # that prompt alone, regenerated as it was (seeded per prompt)
+    assert sorted(mine.read_text(encoding="utf-8").splitlines()) == sorted(out.read_text(encoding="utf-8").splitlines())
+
+
+def test_seals(tmp_path):
+    from megatron_inpo.data.preferences import SEAL_FIELD, drop_damaged, seal, seal_matches
+
+    line = seal(json.dumps({"prompt_id": "a", "x": [1.5, "é"]}))
+    obj = json.loads(line)
+    assert seal_matches(obj) is True and seal_matches({"prompt_id": "a"}) is None
+    assert seal(line) == line  # idempotent: an old seal is replaced, not nested
+    assert seal_matches({**obj, "x": [1.5, "e"]}) is False
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"prompt_id": "a"}\n{"prompt_id": "b"}\n')  # hand-made, no seal anywhere: kept as it is
+    assert drop_damaged(f) == [] and read_done_ids(f) == {"a", "b"}
+    append_jsonl(f, [json.dumps({"prompt_id": "c"})])  # now some records are sealed: the unsealed ones are suspect
+    assert drop_damaged(f) == ["line 1 (prompt_id 'a')", "line 2 (prompt_id 'b')"]
+    assert read_done_ids(f) == {"c"} and SEAL_FIELD in f.read_text()
+
+
 def test_append_and_repair_helpers(tmp_path):
+    from megatron_inpo.data.preferences import seal
+
     f = tmp_path / "a.jsonl"
     append_jsonl(f, [json.dumps({"prompt_id": "a"}), json.dumps({"prompt_id": "b"})])
     with open(f, "ab") as h:
-        h.write(b'{"prompt_id": "c"}')  # complete object, newline lost: kept
+        h.write(seal(json.dumps({"prompt_id": "c"})).encode())  # complete object, newline lost: kept
     assert repair_torn_tail(f) == 0 and read_done_ids(f) == {"a", "b", "c"}
     with open(f, "ab") as h:
         h.write(b'{"prompt_id": "d", "x": [1, 2')
