@@ -70,6 +70,35 @@ def killpg(pgid: int) -> None:
         pass
 
 
+def kill_tagged(token: str, wait_s: float = 5.0) -> int:
+    """SIGKILL every process that carries stage token `token` in its environment (STAGE_TOKEN_ENV, inherited by
+    every descendant) and wait up to wait_s for them to go; returns how many were signalled. killpg alone misses
+    torchrun's ranks: its agent starts each in a session of its own, so they outlive a killed agent."""
+    if not token or not os.path.isdir("/proc"):
+        return 0
+    tag = f"{STAGE_TOKEN_ENV}={token}".encode()
+    hit = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            if tag in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                os.kill(int(p), signal.SIGKILL)
+                hit.append(p)
+        except (OSError, ProcessLookupError):
+            continue
+    deadline = time.monotonic() + wait_s
+    for p in hit:  # gone, or a zombie (its environment reads empty) waiting for its parent
+        while time.monotonic() < deadline:
+            try:
+                if tag not in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
+    return len(hit)
+
+
 def reap_orphan_stage(run_dir: str | Path) -> str | None:
     """Kill what is left of a stage subprocess group or of the stage worker of a driver that was killed (torchrun
     workers outlive their agent's SIGKILL); only a group whose members carry the stage's token is signalled.
@@ -101,6 +130,7 @@ def _reap(path: Path) -> str | None:
             pass
     if ours:
         killpg(pgid)
+    kill_tagged(info.get("token", ""))  # torchrun's ranks, each in a session of its own
     path.unlink(missing_ok=True)
     return info.get("stage") if ours else None
 
@@ -287,10 +317,12 @@ class StageLauncher:
                 rc = _wait(proc, timeout, watch)
             except subprocess.TimeoutExpired:
                 killpg(proc.pid)
+                kill_tagged(token)
                 proc.wait()
                 raise StageError(f"stage {name}: exceeded stage_timeout_s={timeout}; log: {log_path}") from None
-            except BaseException:
+            except BaseException:  # Ctrl-C, SIGTERM, a driver error: the stage, its agent and ranks must not run on
                 killpg(proc.pid)
+                kill_tagged(token)
                 proc.wait()
                 raise
             finally:

@@ -126,10 +126,11 @@ class StageWorker:
         return failed[:1] or (found if len(found) == self.world_size else None)
 
     def kill(self) -> None:
-        from megatron_inpo.driver.launcher import killpg
+        from megatron_inpo.driver.launcher import STAGE_TOKEN_ENV, kill_tagged, killpg
 
         if self.proc is not None:
             killpg(self.proc.pid)
+            kill_tagged(self.env.get(STAGE_TOKEN_ENV, ""))  # torchrun's ranks, each in a session of its own
             self.proc.wait()
 
     def stop(self, grace_s: float = 30.0) -> None:

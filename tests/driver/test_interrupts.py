@@ -136,6 +136,37 @@ def test_run_interrupted_in_every_stage_kind_stops_and_resumes_bit_identically(r
 
 @pytest.mark.slow
 @pytest.mark.megatron
+def test_sigterm_reaches_torchrun_ranks_of_a_stage_and_the_rerun_completes(tmp_path):
+    """A stage launched through torchrun (stage subprocesses, two ranks): SIGTERM to `run` (SLURM's preemption)
+    stops the agent and both ranks within 10 s, exit 143, and the rerun resumes to the end. (Two ranks do not
+    reduce in the one-rank order, so this run is not compared with the one-rank reference.)"""
+    from megatron_inpo.driver.stages import missing_megatron_parts
+
+    if missing_megatron_parts():
+        pytest.skip("engine=megatron needs: " + ", ".join(missing_megatron_parts()))
+    args = ["run", "--recipe", "tiny_cpu", "--no-progress", "--launch.stage_runner=subprocess",
+            "--launch.nproc_per_node=2", *tiny_overrides(tmp_path / "run", engine="megatron", iterations=1),
+            "--sft.micro_batch_size=16", "--train.micro_batch_size=4"]  # global batches split over two ranks
+    proc = _start([PY, "-m", "megatron_inpo", *args], tmp_path / "err")
+    _wait_for(proc, "] iter1/train ...")
+    deadline = time.monotonic() + 120
+    while len(stage_processes_left()) < 3 and time.monotonic() < deadline:  # the agent and its two ranks
+        time.sleep(0.2)
+    assert len(stage_processes_left()) >= 3
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 143 and time.monotonic() - t0 < 10, err[-3000:]
+    assert stage_processes_left() == []
+    r = run_cli(args, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "iter1/train ... (resuming, attempt 2)" in r.stdout
+    assert stage_processes_left() == []
+
+
+@pytest.mark.slow
+@pytest.mark.megatron
 def test_second_run_on_a_live_directory_is_refused_naming_the_holder(tmp_path):
     args = ["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(tmp_path / "run", iterations=1)]
     first = _start([PY, "-m", "megatron_inpo", *args], tmp_path / "err")
