@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
+from megatron_inpo.errors import InputError
 from megatron_inpo.files import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config value is invalid; the message names the field (dotted path) and the offending value."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import threading
 from typing import Any, Iterator
 
+from megatron_inpo.errors import InputError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -126,7 +128,7 @@ LOCK_FILE = ".lock"
 """The lock file of a directory that one command at a time may write (a run directory)."""
 
 
-class DirectoryBusy(RuntimeError):
+class DirectoryBusy(InputError, RuntimeError):
     """Another live process holds the directory's lock; the message names it (pid, command, since when)."""
 
 

@@ -18,8 +18,9 @@ heavy modules inside their body.
 the top-level `megatron-inpo` dispatcher around importing a command): each is ONE line on stderr,
 `megatron-inpo CMD: error: ...`, never a traceback:
 
-- bad input or a broken environment exits 2 (EXIT_BAD_INPUT): the project's own errors (config, data,
-  checkpoint, conversion, SGLang requests that failed for good), a disk full (ENOSPC / EDQUOT), a read-only or
+- bad input or a broken environment exits 2 (EXIT_BAD_INPUT): the project's own errors (every subclass of
+  errors.InputError, which carries its exit code: config, data, checkpoint, conversion, a busy output, SGLang
+  requests that failed for good), a disk full (ENOSPC / EDQUOT), a read-only or
   forbidden directory (EROFS / EACCES / EPERM), a missing file, an unreachable server, and torch's
   CheckpointException (a BaseException that `except Exception` does not catch);
 - Ctrl-C (SIGINT) exits 130 (EXIT_INTERRUPTED) with `interrupted; rerun the same command to resume`, SIGTERM (a
@@ -42,7 +43,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-EXIT_BAD_INPUT = 2
+from megatron_inpo.errors import (EXIT_BAD_INPUT, InputError, checkpoint_exception_summary,  # noqa: F401 - re-exported
+                                  is_checkpoint_exception, one_line)
+
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -84,19 +87,6 @@ def hold_output(path: str | os.PathLike, what: str) -> contextlib.AbstractContex
     return exclusive_output(path, what)
 
 
-# The project's errors that mean "bad input or environment" (module, class); looked up in sys.modules only, so the
-# guard imports nothing: an exception of a class whose module was never imported cannot have been raised.
-INPUT_ERRORS = (
-    ("megatron_inpo.config", "ConfigError"),
-    ("megatron_inpo.data.preferences", "DataError"),
-    ("megatron_inpo.engine.checkpoint", "CheckpointError"),
-    ("megatron_inpo.engine.trust", "TrustError"),
-    ("megatron_inpo.convert", "ConvertError"),
-    ("megatron_inpo.engine.mapping", "MappingError"),
-    ("megatron_inpo.engine.parallel", "ParallelError"),
-    ("megatron_inpo.serving.pool", "SGLangError"),
-    ("megatron_inpo.files", "DirectoryBusy"),
-)
 _RESUMABLE = "; rerun the same command to resume once that is fixed"
 
 
@@ -266,41 +256,8 @@ def config_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def one_line(text: str) -> str:
-    """`text` on one line: a line ending in ':' runs on into the next, other lines are joined by '; '."""
-    out = ""
-    for line in (x.strip() for x in str(text).splitlines()):
-        if not line:
-            continue
-        out = line if not out else out + (" " if out.endswith(":") else "; ") + line
-    return out
 
 
-def _is_input_error(e: BaseException) -> bool:
-    for module, name in INPUT_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(e, cls):
-            return True
-    return False
-
-
-def is_checkpoint_exception(e: BaseException) -> bool:
-    """torch.distributed.checkpoint's CheckpointException (told by name: nothing is imported for it)."""
-    t = type(e)
-    return t.__name__ == "CheckpointException" and t.__module__.startswith("torch.distributed.checkpoint")
-
-
-def checkpoint_exception_summary(e: BaseException) -> str:
-    """torch's CheckpointException in one line: the first failing rank's error (its str() holds every rank's
-    whole traceback)."""
-    failures = getattr(e, "failures", None) or {}
-    for rank in sorted(failures):
-        exc = failures[rank]
-        exc = exc[0] if isinstance(exc, tuple) else exc
-        more = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
-        text = str(exc) or ("the file ends early (truncated?)" if isinstance(exc, EOFError) else "")
-        return one_line(f"rank {rank}: {type(exc).__name__}: {text}{more}".rstrip(": "))
-    return one_line(str(e.args[0]) if e.args else type(e).__name__)
 
 
 def _where(e: OSError) -> str:
@@ -330,7 +287,7 @@ def explain(e: BaseException) -> str | None:
         return None
     if is_checkpoint_exception(e):
         return f"cannot read or write the distributed checkpoint ({checkpoint_exception_summary(e)})"
-    if _is_input_error(e):
+    if isinstance(e, InputError):
         return one_line(str(e)) or type(e).__name__
     if isinstance(e, OSError):
         return describe_os_error(e)
@@ -354,7 +311,7 @@ def guard(prog: str, fn: Callable[[], int | None]) -> int:
         if msg is None or os.environ.get("MEGATRON_INPO_TRACEBACK"):
             raise
         _say(f"{prog}: error: {msg}")
-        return EXIT_BAD_INPUT
+        return getattr(e, "exit_code", EXIT_BAD_INPUT)
 
 
 def _say(line: str) -> None:

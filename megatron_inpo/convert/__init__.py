@@ -4,7 +4,8 @@
     convert_mcore_to_hf(mcore_dir, hf_dir, dtype="bf16", ...)  (megatron_inpo.convert.mcore_to_hf)
 Both stream: see their module docstrings for the memory bound.
 """
+from megatron_inpo.errors import InputError
 
 
-class ConvertError(RuntimeError):
+class ConvertError(InputError, RuntimeError):
     """Bad input for a conversion; the message names the file, tensor or option."""

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from megatron_inpo.errors import InputError
+
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A data file is malformed; the message names the file and the 1-based line."""
 
 

@@ -35,7 +35,6 @@ reports afterwards: the former locations are kept in "moved_from").
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -43,8 +42,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from megatron_inpo import identity as _identity
 from megatron_inpo.config import ConfigError, load_yaml, save_yaml, to_dict
 from megatron_inpo.files import atomic_write_json
+from megatron_inpo.identity import config_digest, different_config  # noqa: F401 - re-exported
 from megatron_inpo.serving.pool import TRANSPORT_FIELDS
 
 FORMAT_VERSION = 1
@@ -57,52 +58,19 @@ RESUME_MUTABLE = frozenset({"run_dir", "stage_timeout_s", "server_memory_saver",
                             for f in TRANSPORT_FIELDS})
 
 
-def config_digest(cfg: Any) -> str:
-    """sha256 of the whole resolved config (what manifests before the identity recorded as config_sha256)."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
-
-
-def _mutable(key: str, mutable: Iterable[str]) -> bool:
-    return any(key == m or key.startswith(m + ".") for m in mutable)
-
-
 def identity(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> dict[str, Any]:
-    """The fields of a config (dataclass or dict) that decide its results: dotted name -> value, sorted, without
-    the `mutable` ones (a name covers the fields below it)."""
-    flat = _flatten(to_dict(cfg))
-    return {k: flat[k] for k in sorted(flat) if not _mutable(k, mutable)}
+    """identity.identity with the run's mutable fields by default."""
+    return _identity.identity(cfg, mutable)
 
 
 def identity_digest(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> str:
-    """sha256 of `identity(cfg, mutable)`: equal exactly when no result-changing field differs."""
-    return hashlib.sha256(json.dumps(identity(cfg, mutable), sort_keys=True, default=repr).encode()).hexdigest()
+    """identity.identity_digest with the run's mutable fields by default."""
+    return _identity.identity_digest(cfg, mutable)
 
 
 def config_diff(old: dict, new: dict, mutable: Iterable[str] = RESUME_MUTABLE) -> list[str]:
-    """'field: saved X, now Y' for every differing leaf (dotted names) outside `mutable`, sorted."""
-    a, b = _flatten(old), _flatten(new)
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if _mutable(k, mutable):
-            continue
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            out.append(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}")
-    return out
-
-
-def different_config(where: str, saved: str, diff: list[str], advice: str) -> ConfigError:
-    """The one-line refusal of a resumption with another config, listing the differing fields."""
-    return ConfigError(f"{where} holds output of a different config ({saved}); {advice}. Differences: "
-                       + "; ".join(diff))
+    """identity.config_diff with the run's mutable fields by default."""
+    return _identity.config_diff(old, new, mutable)
 
 
 def _rebase(value: Any, old: str, new: str) -> Any:

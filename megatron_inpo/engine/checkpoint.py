@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from megatron_inpo.errors import InputError
+
 log = logging.getLogger(__name__)
 
 META_FILE = "megatron_inpo.json"
@@ -52,7 +54,7 @@ FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, incomplete or incompatible; the message names the directory."""
 
 
@@ -283,7 +285,7 @@ def save_to(
     except Exception as e:  # name the directory (a full disk, a read-only directory, ...)
         raise CheckpointError(f"{final}: cannot save ({type(e).__name__}: {e})") from e
     except BaseException as e:  # torch's CheckpointException is a BaseException: `except Exception` misses it
-        from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
+        from megatron_inpo.errors import checkpoint_exception_summary, is_checkpoint_exception
 
         if not is_checkpoint_exception(e):
             raise
@@ -435,7 +437,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
         except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
             # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
-            from megatron_inpo.cli.loader import checkpoint_exception_summary, is_checkpoint_exception
+            from megatron_inpo.errors import checkpoint_exception_summary, is_checkpoint_exception
 
             if not is_checkpoint_exception(e):
                 raise

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from megatron_inpo.engine.model import LlamaArch
+from megatron_inpo.errors import InputError
 
 EMBED = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
@@ -57,7 +58,7 @@ _LOCAL_MODULE_NAMES = {
 }
 
 
-class MappingError(ValueError):
+class MappingError(InputError, ValueError):
     """A tensor does not fit the layout (shape, missing name); the message names the tensor."""
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_inpo.engine.cpu import enable_cpu_mode, prepare_optimizer_params  # noqa: F401  (re-export)
+from megatron_inpo.errors import InputError
 
-class ParallelError(ValueError):
+class ParallelError(InputError, ValueError):
     """An impossible parallel layout (e.g. the world size is not a multiple of TP x PP)."""
 
 

@@ -39,6 +39,8 @@ import os
 import pickle
 from pathlib import Path
 
+from megatron_inpo.errors import InputError
+
 log = logging.getLogger(__name__)
 
 FILES_KEY = "files"
@@ -71,7 +73,7 @@ METADATA_GLOBALS = frozenset({
 })
 
 
-class TrustError(RuntimeError):
+class TrustError(InputError, RuntimeError):
     """A checkpoint file fails the digest or the no-code-on-load check; the message names the file."""
 
 

@@ -90,7 +90,7 @@ def claim_output(out_path: str | Path, cfg: Any, mutable: frozenset[str] | set[s
     import yaml
 
     from megatron_inpo.config import ConfigError, load_yaml, save_yaml, to_dict
-    from megatron_inpo.driver.manifest import config_diff, different_config, identity, identity_digest
+    from megatron_inpo.identity import config_diff, different_config, identity, identity_digest
     from megatron_inpo.files import atomic_write_json
 
     out_path = Path(out_path)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, s) if math.isfinite(s) else None
 
 
-class SGLangError(RuntimeError):
+class SGLangError(InputError, RuntimeError):
     """A request to an SGLang server failed for good; the message names the URL(s) and the reason.
 
     `status` is the HTTP status of the server's last answer: a 4xx means it refused the request (nothing done),
