@@ -7,7 +7,10 @@ here, so that nothing of torch is imported to recognise it.
 """
 from __future__ import annotations
 
+import errno
+
 EXIT_BAD_INPUT = 2
+_RESUMABLE = "; rerun the same command to resume once that is fixed"
 
 
 class InputError(Exception):
@@ -43,3 +46,37 @@ def checkpoint_exception_summary(e: BaseException) -> str:
         text = str(exc) or ("the file ends early (truncated?)" if isinstance(exc, EOFError) else "")
         return one_line(f"rank {rank}: {type(exc).__name__}: {text}{more}".rstrip(": "))
     return one_line(str(e.args[0]) if e.args else type(e).__name__)
+
+
+def _where(e: OSError) -> str:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f": {' -> '.join(names)}" if names else ""
+
+
+def describe_os_error(e: OSError) -> str:
+    """A broken environment in words: what happened and to which file."""
+    code = e.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"no space left on device{_where(e)} ({e.strerror or 'disk full'}){_RESUMABLE}"
+    if code == errno.EROFS:
+        return f"read-only file system{_where(e)}; write the output somewhere writable"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied{_where(e)}"
+    if code == errno.ENOENT:
+        return f"no such file or directory{_where(e)}"
+    if isinstance(e, (ConnectionError, TimeoutError)) or code is None:
+        return one_line(str(e)) or type(e).__name__
+    return f"{e.strerror or e}{_where(e)}"
+
+
+def explain(e: BaseException) -> str | None:
+    """The one-line message of a failure that is not a bug (bad input, broken environment), else None."""
+    if isinstance(e, (SystemExit, KeyboardInterrupt, GeneratorExit)):
+        return None
+    if is_checkpoint_exception(e):
+        return f"cannot read or write the distributed checkpoint ({checkpoint_exception_summary(e)})"
+    if isinstance(e, InputError):
+        return one_line(str(e)) or type(e).__name__
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    return None

@@ -1,7 +1,8 @@
 """`megatron-inpo convert hf-to-mcore|mcore-to-hf`: see the README section "Converting checkpoints".
 
-The converter takes no config dataclass, so it keeps its own flags (--hf-dir, --mcore-dir, --tp, ...), which the
-driver and the launch scripts pass; torch and Megatron-Core are imported only once a conversion starts.
+The converter keeps its own flags (--hf-dir, --mcore-dir, --tp, ...), which the launch scripts pass; they become a
+convert.stage.ConvertStageConfig, the typed call the driver's import / export stages make too. torch and
+Megatron-Core are imported only once a conversion starts.
 """
 from __future__ import annotations
 
@@ -56,55 +57,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from megatron_inpo.cli.loader import hold_output
-
-    output = args.mcore_dir if args.direction == "hf-to-mcore" else args.hf_dir
-    with hold_output(output, "the output directory"):  # one convert per output: both would replace it
-        return _convert_held(args)
-
-
-def _convert_held(args: argparse.Namespace) -> int:
-    from megatron_inpo.cli.loader import one_line
+    from megatron_inpo.cli.loader import hold_output, one_line
     from megatron_inpo.config import ConfigError
     from megatron_inpo.convert import ConvertError
+    from megatron_inpo.convert.stage import ConvertStageConfig
+    from megatron_inpo.engine.entry import run_stage
 
-    try:
-        if args.direction == "hf-to-mcore":
-            from megatron_inpo.convert.hf_to_mcore import convert_hf_to_mcore
-
-            summary = convert_hf_to_mcore(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                          layer_spec=args.layer_spec, make_vocab_size_divisible_by=args.vocab_divisor,
-                                          overwrite=args.overwrite, progress=not args.no_progress)
-            mcore_dir, hf_dir, output = args.mcore_dir, args.hf_dir, args.mcore_dir
-        else:
-            from megatron_inpo.convert.mcore_to_hf import convert_mcore_to_hf
-
-            summary = convert_mcore_to_hf(args.mcore_dir, args.hf_dir, dtype=args.dtype,
-                                          max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                          progress=not args.no_progress)
-            mcore_dir, hf_dir, output = args.mcore_dir, args.hf_dir, args.hf_dir
-        if args.verify:  # a failed verify removes the output it checked
-            from megatron_inpo.convert.verify import verify_output
-
-            if args.no_progress:  # transformers' "Loading weights" bar too
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.disable_progress_bar()
-
-            summary.update(verify_output(mcore_dir, hf_dir, output))
-    except (ConvertError, ConfigError, FileExistsError) as e:  # bad input: exit 2, as every command
-        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    finally:
-        import os
-
-        import torch.distributed as dist
-
-        from megatron_inpo.driver.worker import WORKER_ENV
-
-        # the persistent stage worker keeps its world for the next stage (driver/worker.py)
-        if dist.is_available() and dist.is_initialized() and not os.environ.get(WORKER_ENV):
-            dist.destroy_process_group()
+    common = dict(direction=args.direction, hf_dir=args.hf_dir, mcore_dir=args.mcore_dir, dtype=args.dtype,
+                  overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress)
+    cfg = ConvertStageConfig(**common, **({"tp": args.tp, "pp": args.pp, "layer_spec": args.layer_spec,
+                                           "vocab_divisor": args.vocab_divisor} if args.direction == "hf-to-mcore"
+                                          else {"max_shard_size": args.max_shard_size}))
+    with hold_output(cfg.output, "the output directory"):  # one convert per output: both would replace it
+        try:
+            summary = run_stage("convert", cfg)
+        except (ConvertError, ConfigError, FileExistsError) as e:  # bad input: exit 2, as every command
+            print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
+            return 2
     # verify's figures are small: 3 significant digits, not 3 decimals
     print(json.dumps({k: (float(f"{v:.3g}") if k.startswith("verify_") else round(v, 3)) if isinstance(v, float)
                       else v for k, v in summary.items()}))

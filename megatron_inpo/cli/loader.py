@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from megatron_inpo.errors import (EXIT_BAD_INPUT, InputError, checkpoint_exception_summary,  # noqa: F401 - re-exported
-                                  is_checkpoint_exception, one_line)
+                                  describe_os_error, explain, is_checkpoint_exception, one_line)
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -87,7 +86,6 @@ def hold_output(path: str | os.PathLike, what: str) -> contextlib.AbstractContex
     return exclusive_output(path, what)
 
 
-_RESUMABLE = "; rerun the same command to resume once that is fixed"
 
 
 @dataclass(frozen=True)
@@ -254,44 +252,6 @@ def config_yaml(cfg: Any) -> str:
     from megatron_inpo.config import to_dict
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-
-
-
-
-def _where(e: OSError) -> str:
-    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
-    return f": {' -> '.join(names)}" if names else ""
-
-
-def describe_os_error(e: OSError) -> str:
-    """A broken environment in words: what happened and to which file."""
-    code = e.errno
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return f"no space left on device{_where(e)} ({e.strerror or 'disk full'}){_RESUMABLE}"
-    if code == errno.EROFS:
-        return f"read-only file system{_where(e)}; write the output somewhere writable"
-    if code in (errno.EACCES, errno.EPERM):
-        return f"permission denied{_where(e)}"
-    if code == errno.ENOENT:
-        return f"no such file or directory{_where(e)}"
-    if isinstance(e, (ConnectionError, TimeoutError)) or code is None:
-        return one_line(str(e)) or type(e).__name__
-    return f"{e.strerror or e}{_where(e)}"
-
-
-def explain(e: BaseException) -> str | None:
-    """The one-line message of a failure that is not a bug (bad input, broken environment), else None."""
-    if isinstance(e, (SystemExit, KeyboardInterrupt, GeneratorExit)):
-        return None
-    if is_checkpoint_exception(e):
-        return f"cannot read or write the distributed checkpoint ({checkpoint_exception_summary(e)})"
-    if isinstance(e, InputError):
-        return one_line(str(e)) or type(e).__name__
-    if isinstance(e, OSError):
-        return describe_os_error(e)
-    return None
 
 
 def guard(prog: str, fn: Callable[[], int | None]) -> int:

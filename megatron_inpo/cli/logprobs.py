@@ -26,12 +26,7 @@ def command() -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run(cfg: Any) -> dict:
-        from megatron_inpo.engine.logprobs import run_logprobs
-
-        return run_logprobs(cfg)
-
-    return run_engine_stage(command(), argv, run,
+    return run_engine_stage(command(), "logprobs", argv,
                             lambda summary: f"logprobs: {summary}" if summary.get("rank0", True) else None,
                             lambda cfg: cfg.output)
 

@@ -25,58 +25,33 @@ def command() -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def train(cfg: Any) -> dict:
-        from megatron_inpo.engine.train import train
-
-        return train(cfg)
-
     def report(result: dict) -> str | None:
         if "final_checkpoint" in result and result.get("rank0", True):
             return f"trained: {result['final_checkpoint']}"
         return None
 
-    return run_engine_stage(command(), argv, train, report, lambda cfg: cfg.output_dir)
+    return run_engine_stage(command(), "train", argv, report, lambda cfg: cfg.output_dir)
 
 
-def run_engine_stage(cmd: Command, argv: list[str] | None, fn: Callable[[Any], Any],
-                     report: Callable[[Any], str | None], output: Callable[[Any], str]) -> int:
+def run_engine_stage(cmd: Command, kind: str, argv: list[str] | None, report: Callable[[Any], str | None],
+                     output: Callable[[Any], str]) -> int:
     """Shared body of the engine's commands: load the config, hold its `output(cfg)` (loader.hold_output: one
-    command per output), run `fn(cfg)`, tear down the process groups, print `report(result)` (nothing for None).
-    Bad config, data or checkpoints, a busy output, a full disk, Ctrl-C, ...: the message of loader.guard (exit 2,
-    130)."""
+    command per output), run the stage (engine/entry.run_stage: the process groups are torn down afterwards),
+    print `report(result)` (nothing for None). Bad config, data or checkpoints, a busy output, a full disk, Ctrl-C,
+    ...: the message of loader.guard (exit 2, 130)."""
     from megatron_inpo.cli.loader import hold_output
 
     def body(cfg: Any, _args: Any) -> int:
-        try:
-            with hold_output(output(cfg), f"the output of {cmd.prog}"):
-                result = fn(cfg)
-        finally:
-            _shutdown()
+        from megatron_inpo.engine.entry import run_stage
+
+        with hold_output(output(cfg), f"the output of {cmd.prog}"):
+            result = run_stage(kind, cfg)
         line = report(result)
         if line:
             print(line, flush=True)
         return 0
 
     return run_command(cmd, argv, body)
-
-
-def _shutdown() -> None:
-    """Megatron's groups and the torch.distributed world; in the persistent stage worker the world stays for the
-    next stage (driver/worker.py)."""
-    import os
-
-    import torch.distributed as dist
-
-    from megatron_inpo.driver.worker import WORKER_ENV
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            from megatron.core import parallel_state as ps
-
-            ps.destroy_model_parallel()
-        finally:
-            if not os.environ.get(WORKER_ENV):
-                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GI
 def save_shard(tensors: dict, path: Path) -> None:
     """safetensors' save_file, whose I/O failures (a full disk, a read-only directory) come as SafetensorError
     carrying the OS message: raised again as the OSError they are, naming the file, so that every command reports
-    them in one line (cli/loader.describe_os_error) instead of a traceback."""
+    them in one line (errors.describe_os_error) instead of a traceback."""
     import errno
 
     from safetensors import SafetensorError

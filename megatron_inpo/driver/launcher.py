@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,6 +193,17 @@ def port_clash(log_path: Path, port: int) -> Exception | None:
                        f"(EADDRINUSE; log: {log_path}); set --launch.master_port=0 to pick a free port, or another "
                        "port")
 
+@dataclass(frozen=True)
+class StageCall:
+    """One stage as a runner gets it: the typed call the stage worker makes (engine/entry.py: `kind` and its config
+    object, handed over as they are) and the same stage as a command line (`argv` of `python -m megatron_inpo`) for
+    a stage subprocess."""
+
+    kind: str
+    config: Any
+    argv: list[str]
+
+
 class StageLauncher:
     """Runs `python -m megatron_inpo ARGS` as the launch config says, in the stage worker (launch.stage_runner
     'persistent') or as a subprocess; stdout/stderr go to <run_dir>/logs/<name>.log either way. `notify` gets the
@@ -249,9 +261,10 @@ class StageLauncher:
             env[HOLD_ENV] = "1"
         return env
 
-    def run(self, name: str, args: list[str], distributed: bool = True, watch: Callable[[], None] | None = None,
-            hold: bool | Callable[[], bool] = False, progress_file: str = "") -> None:
-        """Run one stage to completion; `watch` is called a few times a second while it runs (the fault-injection
+    def run(self, name: str, call: StageCall | list[str], distributed: bool = True,
+            watch: Callable[[], None] | None = None, hold: bool | Callable[[], bool] = False,
+            progress_file: str = "") -> None:
+        """Run one stage to completion: `call` (a plain argv: a command that only runs as a subprocess); `watch` is called a few times a second while it runs (the fault-injection
         tests kill the driver or the worker from there at a chosen moment of the stage), and so is the live line
         that shows the stage's `progress_file` (engine.metrics.StageProgress) when progress is shown. `hold`
         (or hold(), asked at each start of the stage): make the stage wait at its fault point (faults.HOLD_ENV)."""
@@ -262,8 +275,11 @@ class StageLauncher:
         line = _LiveLine(name, progress_file) if self.show_progress and progress_file else None
         try:
             if self.in_worker(distributed):
-                self._run_in_worker(name, args, log_path, _both(watch, line.refresh if line else None), holds)
+                if not isinstance(call, StageCall):
+                    raise TypeError(f"stage {name}: the stage worker runs typed calls (StageCall), not {call!r}")
+                self._run_in_worker(name, call, log_path, _both(watch, line.refresh if line else None), holds)
             else:
+                args = call.argv if isinstance(call, StageCall) else call
                 # a one-process stage beside a torchrun worker: an in-process store, not the worker's master port
                 port: bool | int = distributed or self.runner != "persistent"
                 if port and self._uses_master_port():
@@ -349,7 +365,7 @@ class StageLauncher:
                                                         "stage": "stage worker", "cmd": cmd, "token": token})
         self._worker_token = token
 
-    def _run_in_worker(self, name: str, args: list[str], log_path: Path, watch: Callable[[], None] | None,
+    def _run_in_worker(self, name: str, call: StageCall, log_path: Path, watch: Callable[[], None] | None,
                        hold: Callable[[], bool]) -> None:
         from megatron_inpo.driver.worker import WorkerDied, describe
 
@@ -359,7 +375,7 @@ class StageLauncher:
             if self.worker is None or not self.worker.alive():
                 self.close(0)
                 self._start_worker()
-            n = self.worker.submit(name, args, log_path, self._env(self._worker_token, hold(),
+            n = self.worker.submit(name, call.kind, call.config, log_path, self._env(self._worker_token, hold(),
                                                                    self.worker_port or True))
             try:
                 markers = self._wait_worker(n, deadline, watch)

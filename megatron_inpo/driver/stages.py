@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.driver.launcher import StageCall
 from megatron_inpo.faults import KILL_STAGE
 from megatron_inpo.faults import pending as _pending
 from megatron_inpo.faults import take as _take
@@ -153,20 +154,29 @@ class MegatronStages:
 
     # -- stages -------------------------------------------------------------------------------------------------
     def import_hf(self, hf_dir: Path, out: Path) -> Path:
+        from megatron_inpo.convert.stage import ConvertStageConfig
+
         if not (out / "megatron_inpo.json").exists():
             p = self.cfg.megatron.parallel
-            self.run(f"import_{out.name}", ["convert", "hf-to-mcore", "--hf-dir", str(hf_dir), "--mcore-dir", str(out),
-                                            "--tp", str(p.tensor_model_parallel_size),
-                                            "--pp", str(p.pipeline_model_parallel_size),
-                                            "--layer-spec", self.cfg.megatron.model.resolved_layer_spec(),
-                                            "--no-progress"], distributed=False)
+            stage = ConvertStageConfig(direction="hf-to-mcore", hf_dir=str(hf_dir), mcore_dir=str(out),
+                                       tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                                       layer_spec=self.cfg.megatron.model.resolved_layer_spec(), progress=False)
+            self.run(f"import_{out.name}", StageCall("convert", stage, [
+                "convert", "hf-to-mcore", "--hf-dir", stage.hf_dir, "--mcore-dir", stage.mcore_dir, "--tp",
+                str(stage.tp), "--pp", str(stage.pp), "--layer-spec", stage.layer_spec, "--no-progress"]),
+                distributed=False)
         return out
 
     def export_hf(self, policy: Path, out: Path, dtype: str) -> Path:
+        from megatron_inpo.convert.stage import ConvertStageConfig
+
         if not (out / "config.json").exists():
             short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]  # the converter's names
-            self.run(f"export_{out.name}", ["convert", "mcore-to-hf", "--mcore-dir", str(policy), "--hf-dir", str(out),
-                                            "--dtype", short, "--no-progress"], distributed=False)
+            stage = ConvertStageConfig(direction="mcore-to-hf", mcore_dir=str(policy), hf_dir=str(out), dtype=short,
+                                       progress=False)
+            self.run(f"export_{out.name}", StageCall("convert", stage, [
+                "convert", "mcore-to-hf", "--mcore-dir", stage.mcore_dir, "--hf-dir", stage.hf_dir, "--dtype", short,
+                "--no-progress"]), distributed=False)
         return out
 
     def _train_stage(self, name: str, loss: str, schedule: Any, data: Path, init: Path, out_dir: Path,
@@ -179,7 +189,7 @@ class MegatronStages:
                                  objective=objective or self.cfg.algorithm.objective, megatron=self.cfg.megatron,
                                  train=schedule,
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
-        self.run(name, ["train", "--config", str(self._stage_config(name, stage))],
+        self.run(name, StageCall("train", stage, ["train", "--config", str(self._stage_config(name, stage))]),
                  watch=_checkpoint_watch(out_dir, fault, self.launcher.kill_stage),
                  hold=_hold_at(fault, "checkpoint"),
                  progress_file=stage.progress_file)
@@ -204,7 +214,8 @@ class MegatronStages:
             if _any_path(lambda: (f for f in chunks.rglob("*") if f.is_file())):
                 _fire_at(fault, "running", self.launcher.kill_stage)
 
-        self.run(name, ["logprobs", "--config", str(self._stage_config(name, stage))], watch=watch,
+        self.run(name, StageCall("logprobs", stage, ["logprobs", "--config", str(self._stage_config(name, stage))]),
+                 watch=watch,
                  hold=_hold_at(fault, "running"),
                  progress_file=stage.progress_file)
         return out

@@ -3,7 +3,7 @@ Megatron stages in turn, so torch, Megatron-Core and the torch.distributed world
 
     driver                                          worker (every rank: `python -m megatron_inpo stage-worker`)
     StageWorker.start()   -- the launch command of a stage (one process, torchrun, rdzv agents) -->  serve(dir)
-    StageWorker.submit()  -- <dir>/request_N.json (atomic) -->  megatron_inpo.cli.main(args), in-process
+    StageWorker.submit()  -- <dir>/request_N.json (atomic) -->  engine.entry.run_stage(kind, config), in-process
     StageWorker.poll()    <-- <dir>/done_N.rank_R.json       (rc, seconds, memory held afterwards)
     StageWorker.stop()    -- a stop request; then the group is killed
 
@@ -13,8 +13,13 @@ While a request runs, the rank's stdout / stderr are its stage's log file (dup2)
 stage subprocess would get (the fault tests' hold flag included). Around each request the rank restores what a
 fresh process would start with (torch's RNG, deterministic flags, environment, working directory, ...); after it
 the stage's Megatron groups, global buffers and every model / optimizer are dropped (gc, and the CUDA cache on
-GPUs), and the memory still held is written to the log and the marker. The world stays: stages skip their
-`destroy_process_group` when WORKER_ENV is set (cli/train.py, cli/convert.py).
+GPUs), and the memory still held is written to the log and the marker. The world stays (run_stage's
+`keep_world`).
+
+A request is a typed call: the stage's kind and its config object in dict form (config.to_dict), rebuilt and
+checked here (engine/entry.stage_config) and run by the engine's entry point, the one the CLI commands call; no
+argv, no YAML, no CLI inside the worker. A stage's bad input is its one line in the log (errors.explain) and its
+exit code (errors.InputError.exit_code); a bug its traceback and 1.
 
 A stage that fails (nonzero exit, an exception) takes the worker down: the rank exits after its marker (torchrun
 ends the others) and the driver starts a new worker for the next stage. A worker that dies without a marker
@@ -33,10 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-WORKER_ENV = "MEGATRON_INPO_STAGE_WORKER"
-"""Set in the worker's ranks: stages keep the torch.distributed world for the next one."""
 POLL_S = 0.05
 
 
@@ -90,8 +93,10 @@ class StageWorker:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          preexec_fn=self.preexec)
 
-    def submit(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> int:
-        """Send one request; returns its number. `env`: the stage's environment as a subprocess would get it."""
+    def submit(self, name: str, kind: str, config: Any, log_path: Path, env: dict[str, str]) -> int:
+        """Send one stage, `kind` with its config object (engine/entry.py); returns the request's number. `env`: the
+        stage's environment as a subprocess would get it."""
+        from megatron_inpo.config import to_dict
         from megatron_inpo.files import atomic_write_json
 
         n = self.next
@@ -99,10 +104,11 @@ class StageWorker:
         env_set = {k: v for k, v in env.items() if self.env.get(k) != v}
         env_unset = [k for k in self.env if k not in env]
         with open(log_path, "ab") as log:
-            log.write(f"\n$ megatron-inpo {shlex.join(args)}   [stage worker, pid {self.pid}, request {n}]\n"
+            log.write(f"\n$ megatron-inpo {kind} (a typed call: {name})   [stage worker, pid {self.pid}, request {n}]\n"
                       f"# the stage worker was started as: {shlex.join(self.command)}\n".encode())
-        atomic_write_json(request_path(self.dir, n), {"n": n, "name": name, "args": args, "log": str(log_path),
-                                                      "env_set": env_set, "env_unset": env_unset})
+        atomic_write_json(request_path(self.dir, n), {"n": n, "name": name, "kind": kind, "config": to_dict(config),
+                                                      "log": str(log_path), "env_set": env_set,
+                                                      "env_unset": env_unset})
         return n
 
     def poll(self, n: int) -> list[dict] | None:
@@ -273,7 +279,8 @@ def _run_request(req: dict, rank: int, fresh: _FreshState) -> tuple[int, dict]:
     """One stage in this process, its output in the stage's log; (exit code, memory held afterwards)."""
     import traceback
 
-    from megatron_inpo import cli
+    from megatron_inpo.engine.entry import run_stage, stage_config
+    from megatron_inpo.errors import EXIT_BAD_INPUT, explain
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -288,14 +295,16 @@ def _run_request(req: dict, rank: int, fresh: _FreshState) -> tuple[int, dict]:
     os.environ.update(req.get("env_set", {}))
     t0 = time.perf_counter()
     try:
-        rc = cli.main(list(req["args"]))
-    except SystemExit as e:  # argparse, sys.exit(...)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - a failed stage: its traceback in its log, and the worker goes down
-        traceback.print_exc()
-        rc = 1
+        run_stage(req["kind"], stage_config(req["kind"], req["config"]), keep_world=True)
+        rc = 0
+    except BaseException as e:  # noqa: BLE001 - a failed stage: its line or traceback in its log; the worker goes down
+        msg = explain(e)
+        if msg is None:
+            traceback.print_exc()
+            rc = 1
+        else:
+            print(f"megatron-inpo {req['kind']}: error: {msg}", file=sys.stderr)
+            rc = getattr(e, "exit_code", EXIT_BAD_INPUT)
     dt = time.perf_counter() - t0
     try:
         mem = _release()
@@ -358,7 +367,6 @@ def serve(directory: str | Path) -> int:
     parent = _die_with_parent()
     leader = os.getpgid(0)
     leader = leader if leader != os.getpid() and _alive(leader) else None  # on another node: srun's to watch
-    os.environ[WORKER_ENV] = "1"
     # Imported now, while the driver still prepares, and kept: what the stages would each import again.
     import megatron.core  # noqa: F401
     import torch  # noqa: F401

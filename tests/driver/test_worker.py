@@ -94,8 +94,9 @@ def test_worker_or_driver_killed_mid_stage_resumes_to_the_same_result(persistent
 @pytest.mark.slow
 def test_failed_stage_takes_the_worker_down_and_the_next_stage_starts_a_new_one(tmp_path):
     from megatron_inpo.cli.run import resolve_config
-    from megatron_inpo.driver.launcher import StageError
+    from megatron_inpo.driver.launcher import StageCall, StageError
     from megatron_inpo.driver.stages import MegatronStages
+    from megatron_inpo.engine.config import TrainStageConfig
     from tests.helpers.engine import tiny_hf_model
 
     cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", engine="megatron", iterations=1) +
@@ -107,10 +108,13 @@ def test_failed_stage_takes_the_worker_down_and_the_next_stage_starts_a_new_one(
         st.import_hf(tmp_path / "hf", tmp_path / "a")
         first = st.launcher.worker.pid
         assert (tmp_path / "a" / "megatron_inpo.json").exists() and st.launcher.worker.alive()
+        broken = TrainStageConfig(data=str(tmp_path / "missing.jsonl"), init_checkpoint=str(tmp_path / "a"),
+                                  output_dir=str(tmp_path / "out"))
         with pytest.raises(StageError, match=r"stage broken failed \(exit 2\)"):
-            st.run("broken", ["train", "--config", str(tmp_path / "missing.yaml")])
+            st.run("broken", StageCall("train", broken, []))
         assert st.launcher.worker is None  # gone, its group killed
-        assert "missing.yaml" in (tmp_path / "m" / "logs" / "broken.log").read_text()
+        log = (tmp_path / "m" / "logs" / "broken.log").read_text()
+        assert "megatron-inpo train: error: " in log and "missing.jsonl" in log  # its one line, in its log
         st.import_hf(tmp_path / "hf", tmp_path / "b")
         assert st.launcher.worker.pid != first
         # the same tensors from the fresh worker (.metadata differs anyway: torch records the path and a save id)
@@ -182,12 +186,14 @@ def test_each_stage_starts_from_a_fresh_process_state(monkeypatch):
 def test_stage_past_its_timeout_kills_the_worker(tmp_path):
     """stage_timeout_s with the worker: the stage's whole process group goes, as a stage subprocess's does (the
     clock starts at the request, so here the worker's own start-up already exceeds it)."""
+    from megatron_inpo.convert.stage import ConvertStageConfig
     from megatron_inpo.driver.config import LaunchConfig
-    from megatron_inpo.driver.launcher import WORKER_FILE, StageError, StageLauncher
+    from megatron_inpo.driver.launcher import WORKER_FILE, StageCall, StageError, StageLauncher
 
     launcher = StageLauncher(LaunchConfig(stage_runner="persistent", master_port=next(PORTS)), tmp_path,
                              timeout_s=0.5)
+    call = StageCall("convert", ConvertStageConfig(hf_dir=str(tmp_path / "hf"), mcore_dir=str(tmp_path / "mc")), [])
     with pytest.raises(StageError, match="exceeded stage_timeout_s=0.5"):
-        launcher.run("slow", ["verify-nash"])
+        launcher.run("slow", call)
     assert launcher.worker is None and not (tmp_path / WORKER_FILE).exists()
     assert stage_processes_left() == []
