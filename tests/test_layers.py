@@ -6,7 +6,7 @@ found). Units of one layer may import each other.
     commands     cli
     driver       driver
     services     rollout, judge, serving, engine, convert, task, evaluate, nash_meter
-    foundations  objectives, data, config, identity, files, faults, nash, errors, the package itself
+    foundations  objectives, data, config, identity, files, events, nash, errors, the package itself
 
 Read from the source with `ast`, so the check imports nothing and sees imports inside functions and under `if`.
 """
@@ -24,7 +24,7 @@ LAYERS = (
     ("commands", {"cli"}),
     ("driver", {"driver"}),
     ("services", {"rollout", "judge", "serving", "engine", "convert", "task", "evaluate", "nash_meter"}),
-    ("foundations", {"objectives", "data", "config", "identity", "files", "faults", "nash", "errors", "__init__"}),
+    ("foundations", {"objectives", "data", "config", "identity", "files", "events", "nash", "errors", "__init__"}),
 )
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
 """unit -> its layer's index; a lower index is a higher layer."""
@@ -97,3 +97,19 @@ def test_every_unit_has_a_layer(tmp_path):
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns("__pycache__"))
     (tree / "planner.py").write_text("x = 1\n")
     assert violations(tree) == [f"{tree / 'planner.py'}: unit 'planner' has no layer in tests/test_layers.py"]
+
+
+def test_no_product_signature_takes_a_test_hook():
+    """Fault injection listens on megatron_inpo/events.py from the tests (tests/helpers/faults.py): no function of
+    the package takes a `fault` (or `hold`) argument, and nothing in it imports the tests."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
+                found += [f"{path}:{node.lineno}: {node.name}({n})" for n in names & {"fault", "hold"}]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tests":
+                found.append(f"{path}:{node.lineno}: imports {node.module}")
+    assert found == []

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_inpo.faults import HOLD_ENV
+from megatron_inpo import events
 from megatron_inpo.files import atomic_write_json
 
 RUNNING_FILE = "running_stage.json"
@@ -245,9 +245,10 @@ class StageLauncher:
             self.runner = self.launch.resolved_stage_runner()
         return self.runner == "persistent" and (distributed or self.launch.world_size == 1)
 
-    def _env(self, token: str, hold: bool, port: bool | int = True) -> dict[str, str]:
+    def _env(self, token: str, port: bool | int = True, scoped: bool = True) -> dict[str, str]:
         """The stage's environment; `port`: False for none (an in-process store), True for launch.master_port, or
-        the port number picked for it."""
+        the port number picked for it; `scoped`: the driver's running stage names the stage's events
+        (events.SCOPE_ENV)."""
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -257,27 +258,24 @@ class StageLauncher:
         else:
             env.pop("MASTER_PORT", None)
         env[STAGE_TOKEN_ENV] = token
-        if hold:
-            env[HOLD_ENV] = "1"
+        env.pop(events.SCOPE_ENV, None)
+        if scoped and events.current_scope():
+            env[events.SCOPE_ENV] = events.current_scope()
         return env
 
-    def run(self, name: str, call: StageCall | list[str], distributed: bool = True,
-            watch: Callable[[], None] | None = None, hold: bool | Callable[[], bool] = False,
-            progress_file: str = "") -> None:
-        """Run one stage to completion: `call` (a plain argv: a command that only runs as a subprocess); `watch` is called a few times a second while it runs (the fault-injection
-        tests kill the driver or the worker from there at a chosen moment of the stage), and so is the live line
-        that shows the stage's `progress_file` (engine.metrics.StageProgress) when progress is shown. `hold`
-        (or hold(), asked at each start of the stage): make the stage wait at its fault point (faults.HOLD_ENV)."""
+    def run(self, name: str, call: StageCall | list[str], distributed: bool = True, progress_file: str = "") -> None:
+        """Run one stage to completion: `call`, or a plain argv (a command that only runs as a subprocess). With
+        progress shown, a live line follows the stage's `progress_file` (engine.metrics.StageProgress)."""
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name.replace('/', '_')}.log"
-        holds = hold if callable(hold) else (lambda: hold)
         line = _LiveLine(name, progress_file) if self.show_progress and progress_file else None
+        watch = line.refresh if line else None
         try:
             if self.in_worker(distributed):
                 if not isinstance(call, StageCall):
                     raise TypeError(f"stage {name}: the stage worker runs typed calls (StageCall), not {call!r}")
-                self._run_in_worker(name, call, log_path, _both(watch, line.refresh if line else None), holds)
+                self._run_in_worker(name, call, log_path, watch)
             else:
                 args = call.argv if isinstance(call, StageCall) else call
                 # a one-process stage beside a torchrun worker: an in-process store, not the worker's master port
@@ -285,7 +283,7 @@ class StageLauncher:
                 if port and self._uses_master_port():
                     port = master_port(self.launch.master_port)  # checked (or picked) before anything starts
                 self._run_subprocess(name, self.command(args, distributed, 0 if port is True else int(port)), log_path,
-                                     _both(watch, line.refresh if line else None), holds(), port)
+                                     watch, port)
         finally:
             if line is not None:
                 line.close()
@@ -298,13 +296,6 @@ class StageLauncher:
             return False
         return not (p.world_size == 1 and os.environ.get("MASTER_PORT"))
 
-    def kill_stage(self) -> None:
-        """SIGKILL the running stage's process group: the worker's, or the stage subprocess's (fault tests)."""
-        if self.worker is not None and self.worker.alive():
-            killpg(self.worker.pid)
-        elif self._proc is not None:
-            killpg(self._proc.pid)
-
     def close(self, grace_s: float = 30.0) -> None:
         """Stop the stage worker, if one runs: every rank exits (within grace_s, else it is killed; 0: at once), and
         what is left of its group is killed."""
@@ -315,9 +306,9 @@ class StageLauncher:
 
     # -- one process group per stage ----------------------------------------------------------------------------
     def _run_subprocess(self, name: str, cmd: list[str], log_path: Path, watch: Callable[[], None] | None,
-                        hold: bool, port: bool | int = True) -> None:
+                        port: bool | int = True) -> None:
         token = uuid.uuid4().hex
-        env = self._env(token, hold, port)
+        env = self._env(token, port)
         timeout = self.timeout_s or None
         t0 = time.perf_counter()
         with open(log_path, "ab") as log:
@@ -358,15 +349,14 @@ class StageLauncher:
         directory = self.run_dir / "worker"
         cmd = self.command(["stage-worker", "--dir", str(directory)], distributed=True, port=self.worker_port)
         self.worker = StageWorker(cmd, directory, self.run_dir / "logs" / "stage_worker.log", self.launch.world_size,
-                                  self._env(token, False, self.worker_port or True), _stage_preexec)
+                                  self._env(token, self.worker_port or True, scoped=False), _stage_preexec)
         self.worker.start()
         # The worker outlives stages, so its record is its own file (a one-process stage may run beside it).
         atomic_write_json(self.run_dir / WORKER_FILE, {"pid": self.worker.pid, "pgid": self.worker.pid,
                                                         "stage": "stage worker", "cmd": cmd, "token": token})
         self._worker_token = token
 
-    def _run_in_worker(self, name: str, call: StageCall, log_path: Path, watch: Callable[[], None] | None,
-                       hold: Callable[[], bool]) -> None:
+    def _run_in_worker(self, name: str, call: StageCall, log_path: Path, watch: Callable[[], None] | None) -> None:
         from megatron_inpo.driver.worker import WorkerDied, describe
 
         t0 = time.perf_counter()
@@ -375,8 +365,8 @@ class StageLauncher:
             if self.worker is None or not self.worker.alive():
                 self.close(0)
                 self._start_worker()
-            n = self.worker.submit(name, call.kind, call.config, log_path, self._env(self._worker_token, hold(),
-                                                                   self.worker_port or True))
+            n = self.worker.submit(name, call.kind, call.config, log_path,
+                                   self._env(self._worker_token, self.worker_port or True))
             try:
                 markers = self._wait_worker(n, deadline, watch)
             except WorkerDied as e:
@@ -421,17 +411,6 @@ def _failed(name: str, how: str, t0: float, log_path: Path) -> StageError:
     tail = log_path.read_text(errors="replace")[-3000:]
     return StageError(f"stage {name} failed ({how}) after {time.perf_counter() - t0:.1f} s; log: {log_path}\n"
                       f"--- last lines ---\n{tail}")
-
-
-def _both(*fns: Callable[[], None] | None) -> Callable[[], None] | None:
-    live = [f for f in fns if f is not None]
-    if not live:
-        return None
-
-    def call() -> None:
-        for f in live:
-            f()
-    return call
 
 
 class _LiveLine:

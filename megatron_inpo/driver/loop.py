@@ -31,7 +31,7 @@ from megatron_inpo.driver.manifest import Manifest
 from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, LogprobResult, NashReading, Pairs, Policy,
                                           R, Rollouts, TaskFiles, TrainResult)
 from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_engine
-from megatron_inpo.faults import StageFault, fault_point
+from megatron_inpo import events
 from megatron_inpo.files import atomic_write_json, exclusive
 from megatron_inpo.serving.pool import SGLangError, SGLangPool, resolve_api_key
 
@@ -145,14 +145,13 @@ class Driver:
         self._tb = None
         self._judge = None
         self._held: contextlib.ExitStack | None = None
-        self._stage_key = "driver"
-        """The running stage: names the fault points of the server-memory calls made inside it."""
 
     # -- Algorithm 1 ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         with contextlib.ExitStack() as self._held:  # the run directory's lock, taken by _start
             try:
-                return self._run()
+                with events.scope("driver"):  # events outside any stage
+                    return self._run()
             finally:
                 if self.stages is not None:
                     self.stages.close()  # the persistent stage worker, if one runs
@@ -168,15 +167,15 @@ class Driver:
         for t in range(1, cfg.iterations + 1):
             it = self.run_dir / f"iter_{t:02d}"
             hf_t = self._export(t, policy)
-            rollouts = self.stage(f"iter{t}/rollout", Rollouts, lambda f: self._rollout(f, t, hf_t, files, it), t)
-            pairs = self.stage(f"iter{t}/judge", Pairs, lambda f: self._judge_pairs(f, t, rollouts, it), t)
+            rollouts = self.stage(f"iter{t}/rollout", Rollouts, lambda: self._rollout(t, hf_t, files, it), t)
+            pairs = self.stage(f"iter{t}/judge", Pairs, lambda: self._judge_pairs(t, rollouts, it), t)
             scored = self.stage(f"iter{t}/logprobs", LogprobResult,
-                                lambda f: self._logprobs(f, t, pairs, ref, policy, it), t)
-            trained = self.stage(f"iter{t}/train", TrainResult, lambda f: self._train(f, t, scored, policy, it), t)
-            checkpoint = self.stage(f"iter{t}/checkpoint", Checkpoint, lambda f: self._checkpoint(t, trained), t)
+                                lambda: self._logprobs(t, pairs, ref, policy, it), t)
+            trained = self.stage(f"iter{t}/train", TrainResult, lambda: self._train(t, scored, policy, it), t)
+            checkpoint = self.stage(f"iter{t}/checkpoint", Checkpoint, lambda: self._checkpoint(t, trained), t)
             policy = Path(checkpoint.policy)  # pi_{t+1}
             hf_next = self._export(t + 1, policy)
-            evaluation = (self.stage(f"iter{t}/eval", EvalResult, lambda f: self._eval(t, hf_next, hf_ref, files), t)
+            evaluation = (self.stage(f"iter{t}/eval", EvalResult, lambda: self._eval(t, hf_next, hf_ref, files), t)
                           if cfg.eval.enabled else None)
             rows.append(self._report(t, rollouts, pairs, trained, evaluation))
             rows[-1].update(self._nash_meter(t, hf_next, hf_ref, files) if evaluation is not None else {})
@@ -238,19 +237,20 @@ class Driver:
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._tb
 
-    def stage(self, key: str, result: type[R], fn: Callable[[StageFault], R], step: int = 0) -> R:
-        """Run stage `key` unless the manifest has it; fn(fault) returns the outputs to record."""
+    def stage(self, key: str, result: type[R], fn: Callable[[], R], step: int = 0) -> R:
+        """Run stage `key` unless the manifest has it; fn() returns the outputs to record. Its events are
+        `<key>@<point>` (megatron_inpo/events.py)."""
         m = self.manifest
         assert m is not None
         if m.done(key):
             return result.from_dict(m.outputs(key))
         attempt = m.start(key)
-        self._stage_key = key
         self.out(f"[{time.strftime('%H:%M:%S')}] {key} ..." + (f" (resuming, attempt {attempt})" if attempt > 1 else ""))
         t0 = time.perf_counter()
-        outputs = fn(StageFault(self.run_dir, key))
-        dt = time.perf_counter() - t0
-        fault_point(self.run_dir, f"{key}@end")  # the worst moment: outputs complete, not yet recorded
+        with events.scope(key):
+            outputs = fn()
+            dt = time.perf_counter() - t0
+            events.emit("end")  # the worst moment: outputs complete, not yet recorded
         m.finish(key, outputs.to_dict(), dt)
         self.tb.add_scalar(f"stage_seconds/{key.split('/')[-1]}", dt, step)
         self.tb.flush()
@@ -259,11 +259,11 @@ class Driver:
 
     def server_memory(self, action: str) -> None:
         """'release' before a Megatron stage, 'resume' before rollout / judging (server_memory_saver; the calls, the
-        record that survives a killed driver and the fault points `<stage>@<action>:...` are serving/memory.py's)."""
+        record that survives a killed driver and the events `<stage>@<action>:...` are serving/memory.py's)."""
         from megatron_inpo.serving.memory import ServerMemory, memory_servers
 
         memory = ServerMemory(self.run_dir, memory_servers(self.cfg.rollout, (self.cfg.judge, self.cfg.eval.judge)),
-                              StageFault(self.run_dir, self._stage_key), enabled=self.cfg.server_memory_saver)
+                              enabled=self.cfg.server_memory_saver)
         {"release": memory.release, "resume": memory.resume}[action]()
 
     def judge(self):
@@ -281,7 +281,7 @@ class Driver:
         return make_judge(self.cfg.eval.judge)
 
     # -- stages -----------------------------------------------------------------------------------------------
-    def _prepare(self, fault) -> TaskFiles:
+    def _prepare(self) -> TaskFiles:
         cfg = self.cfg
         if cfg.model.source == "synthetic":
             from megatron_inpo.task.synthetic import prepare_task
@@ -327,13 +327,13 @@ class Driver:
                      "parameters, float32)")
         return str(out)
 
-    def _make_ref(self, fault) -> Policy:
+    def _make_ref(self) -> Policy:
         self.server_memory("release")
         files = TaskFiles.from_dict(self.manifest.outputs("prepare"))
         pol = self.run_dir / "policies"
         if self.cfg.model.source == "synthetic":
             init = self.stages.import_hf(Path(files.model_init), pol / "init")
-            ref = self.stages.sft(init, Path(files.sft), self.run_dir / "sft", fault)
+            ref = self.stages.sft(init, Path(files.sft), self.run_dir / "sft")
         else:
             ref = self.stages.import_hf(Path(files.hf), pol / "pi_ref")
         return Policy(policy=str(ref))
@@ -341,16 +341,16 @@ class Driver:
     def _export(self, n: int, policy: Path) -> str:
         key = f"iter{n}/export"
         if n == 1 and self.cfg.model.source != "synthetic":
-            return self.stage(key, HFExport, lambda f: HFExport(hf=self.manifest.outputs("prepare")["hf"]), n).hf
+            return self.stage(key, HFExport, lambda: HFExport(hf=self.manifest.outputs("prepare")["hf"]), n).hf
 
-        def run(fault) -> HFExport:
+        def run() -> HFExport:
             self.server_memory("release")
             return HFExport(hf=str(self.stages.export_hf(policy, self.run_dir / "hf" / f"pi_{n}",
                                                          self.cfg.model.export_dtype)))
 
         return self.stage(key, HFExport, run, n).hf
 
-    def _rollout(self, fault, t: int, hf_t: str, files: TaskFiles, it: Path) -> Rollouts:
+    def _rollout(self, t: int, hf_t: str, files: TaskFiles, it: Path) -> Rollouts:
         from megatron_inpo.data.prompts import read_prompts
         from megatron_inpo.rollout.engine import make_engine
         from megatron_inpo.rollout.pipeline import rollout_stage
@@ -370,11 +370,11 @@ class Driver:
                 engine.close()
 
         s = rollout_stage(read_prompts(files.prompts[t - 1]), policy_engine, it / "rollouts.jsonl", iteration=t,
-                          batch_size=self.cfg.rollout_batch_size, progress=self.progress, fault=fault)
+                          batch_size=self.cfg.rollout_batch_size, progress=self.progress)
         return Rollouts(rollouts=s["rollouts"], prompts=s["prompts"], sequences=s["sequences"],
                         mean_tokens=s["mean_tokens"])
 
-    def _judge_pairs(self, fault, t: int, rollouts: Rollouts, it: Path) -> Pairs:
+    def _judge_pairs(self, t: int, rollouts: Rollouts, it: Path) -> Pairs:
         from megatron_inpo.rollout.pipeline import judge_stage
 
         self.server_memory("resume")
@@ -382,22 +382,22 @@ class Driver:
         out = it / "pairs.jsonl"
         s = judge_stage(rollouts.rollouts, judge, self.cfg.algorithm.resolved_selection(judge.kind), out,
                         iteration=t, model_version=f"pi_{t}", batch_size=self.cfg.rollout_batch_size,
-                        progress=self.progress, fault=fault, winrate=self.cfg.algorithm.sppo_winrate)
+                        progress=self.progress, winrate=self.cfg.algorithm.sppo_winrate)
         if s["pairs"] == 0:
             raise RuntimeError(f"iteration {t}: the judge kept no pair ({out}); nothing to train on")
         return Pairs(pairs_file=s["pairs_file"], pairs=s["pairs"], dropped=s["dropped"], method=s["method"],
                      comparisons_this_attempt=s["comparisons"])
 
-    def _logprobs(self, fault, t: int, pairs: Pairs, ref: Path, last: Path, it: Path) -> LogprobResult:
+    def _logprobs(self, t: int, pairs: Pairs, ref: Path, last: Path, it: Path) -> LogprobResult:
         out = it / "pairs.logp.jsonl"
         self.server_memory("release")
-        self.stages.logprobs(Path(pairs.pairs_file), out, ref, None if t == 1 else last, fault)
+        self.stages.logprobs(Path(pairs.pairs_file), out, ref, None if t == 1 else last)
         return LogprobResult(data=str(out))
 
-    def _train(self, fault, t: int, scored: LogprobResult, init: Path, it: Path) -> TrainResult:
+    def _train(self, t: int, scored: LogprobResult, init: Path, it: Path) -> TrainResult:
         self.server_memory("release")
         objective = self.cfg.algorithm.objective_at(t)  # this iteration's eta (algorithm.eta_schedule)
-        ckpt, metrics = self.stages.train(Path(scored.data), init, it / "train", fault, objective)
+        ckpt, metrics = self.stages.train(Path(scored.data), init, it / "train", objective)
         return TrainResult(checkpoint=str(ckpt), metrics=metrics, eta=objective.eta)
 
     def _checkpoint(self, t: int, trained: TrainResult) -> Checkpoint:
@@ -463,9 +463,9 @@ class Driver:
             self.tb.add_scalar("eval/style_exploitability_approx", row["style_exploitability"], t)
             return row
         tau = cfg.eval.nash_tau or cfg.algorithm.objective.tau
-        ref = self.stage("meter/pi_ref", NashReading, lambda f: NashReading(
+        ref = self.stage("meter/pi_ref", NashReading, lambda: NashReading(
             nash_meter.reference_reading(hf_ref, files.eval_prompts, tau))).reading
-        cur = self.stage(f"iter{t}/meter", NashReading, lambda f: NashReading(
+        cur = self.stage(f"iter{t}/meter", NashReading, lambda: NashReading(
             nash_meter.iterate_reading(hf_policy, ref)), t).reading
         row = {k: cur[k] for k in ("kl_to_nash", "duality_gap", "leaked_mass")}
         row.update({f"ref_{k}": ref[k] for k in ("kl_to_nash", "duality_gap", "leaked_mass")})

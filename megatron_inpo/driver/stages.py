@@ -18,18 +18,14 @@ from typing import Any, Callable, Protocol
 
 from megatron_inpo.config import ConfigError
 from megatron_inpo.driver.launcher import StageCall
-from megatron_inpo.faults import KILL_STAGE
-from megatron_inpo.faults import pending as _pending
-from megatron_inpo.faults import take as _take
+from megatron_inpo.events import emit
 
 class PolicyStages(Protocol):
     def import_hf(self, hf_dir: Path, out: Path) -> Path: ...
     def export_hf(self, policy: Path, out: Path, dtype: str) -> Path: ...
-    def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path: ...
-    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None,
-                 fault: Callable[[str], None] = ...) -> Path: ...
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
-              objective: Any = None) -> tuple[Path, dict]: ...
+    def sft(self, init: Path, data: Path, out_dir: Path) -> Path: ...
+    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None) -> Path: ...
+    def train(self, data: Path, init: Path, out_dir: Path, objective: Any = None) -> tuple[Path, dict]: ...
     def close(self) -> None: ...
 
 
@@ -61,40 +57,38 @@ class TorchStages:
                 record_export_digests(tmp)
         return out
 
-    def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path:
+    def sft(self, init: Path, data: Path, out_dir: Path) -> Path:
         import json
 
         from megatron_inpo.driver import torch_stages as ts
 
         rows = [json.loads(line) for line in open(data, encoding="utf-8") if line.strip()]
         loss = ts.sft_loss_fn([(r["prompt_ids"], r["response_ids"]) for r in rows])
-        return Path(self._train(init, out_dir, len(rows), loss, self.cfg.sft, fault)["model_dir"])
+        return Path(self._train(init, out_dir, len(rows), loss, self.cfg.sft)["model_dir"])
 
-    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None,
-                 fault: Callable[[str], None] = lambda p: None) -> Path:
+    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None) -> Path:
         from megatron_inpo.driver import torch_stages as ts
 
         if not out.exists():
             ts.compute_logps(data, out, ref, last if last is not None and Path(last) != Path(ref) else None)
         return out
 
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
-              objective: Any = None) -> tuple[Path, dict]:
+    def train(self, data: Path, init: Path, out_dir: Path, objective: Any = None) -> tuple[Path, dict]:
         from megatron_inpo.data.preferences import read_preferences
         from megatron_inpo.driver import torch_stages as ts
 
         pairs = read_preferences(data, require_logps=True)
         loss = ts.preference_loss_fn(pairs, objective or self.cfg.algorithm.objective)
-        res = self._train(init, out_dir, len(pairs), loss, self.cfg.train, fault)
+        res = self._train(init, out_dir, len(pairs), loss, self.cfg.train)
         return Path(res["model_dir"]), res["metrics"]
 
-    def _train(self, init: Path, out_dir: Path, n_items: int, loss, schedule, fault) -> dict:
+    def _train(self, init: Path, out_dir: Path, n_items: int, loss, schedule) -> dict:
         from megatron_inpo.driver import torch_stages as ts
 
         with _StepLog(out_dir) as tb:
             def log(step: int, m: dict) -> None:
                 tb(step, m)
-                fault(f"step{step}")
+                emit(f"step{step}")
 
             return ts.train_hf(init, out_dir, n_items, loss, schedule, self.cfg.seed, log=log)
 
@@ -180,7 +174,7 @@ class MegatronStages:
         return out
 
     def _train_stage(self, name: str, loss: str, schedule: Any, data: Path, init: Path, out_dir: Path,
-                     fault: Callable[[str], None], objective: Any = None) -> dict:
+                     objective: Any = None) -> dict:
         import json
 
         from megatron_inpo.engine.config import TrainStageConfig
@@ -190,41 +184,28 @@ class MegatronStages:
                                  train=schedule,
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
         self.run(name, StageCall("train", stage, ["train", "--config", str(self._stage_config(name, stage))]),
-                 watch=_checkpoint_watch(out_dir, fault, self.launcher.kill_stage),
-                 hold=_hold_at(fault, "checkpoint"),
                  progress_file=stage.progress_file)
         return json.loads((out_dir / "train_result.json").read_text())
 
-    def sft(self, init: Path, data: Path, out_dir: Path, fault: Callable[[str], None]) -> Path:
-        return Path(self._train_stage("sft", "sft", self.cfg.sft, data, init, out_dir, fault)["final_checkpoint"])
+    def sft(self, init: Path, data: Path, out_dir: Path) -> Path:
+        return Path(self._train_stage("sft", "sft", self.cfg.sft, data, init, out_dir)["final_checkpoint"])
 
-    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None,
-                 fault: Callable[[str], None] = lambda p: None) -> Path:
+    def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None) -> Path:
         from megatron_inpo.engine.config import LogprobStageConfig
-        from megatron_inpo.engine.logprobs import progress_dir
 
         name = f"logprobs_{out.parent.name}"
         stage = LogprobStageConfig(data=str(data), output=str(out), ref_checkpoint=str(ref),
                                    last_checkpoint=str(last) if last is not None else "",
                                    megatron=self.cfg.megatron, logprobs=self.cfg.logprobs, seed=self.cfg.seed,
                                    progress=False, progress_file=self._progress_file(name))
-        chunks = progress_dir(out)  # the engine's resumable chunk store
-
-        def watch() -> None:
-            if _any_path(lambda: (f for f in chunks.rglob("*") if f.is_file())):
-                _fire_at(fault, "running", self.launcher.kill_stage)
-
         self.run(name, StageCall("logprobs", stage, ["logprobs", "--config", str(self._stage_config(name, stage))]),
-                 watch=watch,
-                 hold=_hold_at(fault, "running"),
                  progress_file=stage.progress_file)
         return out
 
-    def train(self, data: Path, init: Path, out_dir: Path, fault: Callable[[str], None],
-              objective: Any = None) -> tuple[Path, dict]:
+    def train(self, data: Path, init: Path, out_dir: Path, objective: Any = None) -> tuple[Path, dict]:
         """`objective`: the iteration's objective (AlgorithmConfig.objective_at: its eta); None = the run's."""
         name = f"train_{out_dir.parent.name}"
-        res = self._train_stage(name, "preference", self.cfg.train, data, init, out_dir, fault, objective)
+        res = self._train_stage(name, "preference", self.cfg.train, data, init, out_dir, objective)
         return Path(res["final_checkpoint"]), res.get("metrics", {})
 
 
@@ -252,35 +233,6 @@ def resolve_engine(engine: str) -> str:
     if engine != "auto":
         return engine
     return "megatron" if not missing_megatron_parts() else "torch"
-
-
-def _any_path(paths: Callable[[], Any]) -> bool:
-    """Whether the glob yields anything; False while the stage removes what it walks (its progress directory at
-    the end, an old step checkpoint): pathlib's glob raises FileNotFoundError for a directory that vanished."""
-    try:
-        return any(True for _ in paths())
-    except FileNotFoundError:
-        return False
-
-
-def _checkpoint_watch(out_dir: Path, fault: Callable[[str], None],
-                      kill_stage: Callable[[], None]) -> Callable[[], None]:
-    def watch() -> None:  # the engine's step checkpoints: fault point 'checkpoint' once one is complete
-        if _any_path(lambda: (Path(out_dir) / "checkpoints").glob("step_*/megatron_inpo.json")):
-            _fire_at(fault, "checkpoint", kill_stage)
-    return watch
-
-
-def _hold_at(fault: Callable[[str], None], point: str) -> Callable[[], bool]:
-    """The stage's `hold` (asked at each start of it): a kill of the driver or of the stage is due at `point`."""
-    return lambda: _pending(fault, point) or _pending(fault, point + KILL_STAGE)
-
-
-def _fire_at(fault: Callable[[str], None], point: str, kill_stage: Callable[[], None]) -> None:
-    """The stage reached `point`: the driver dies there (fault), or it kills the stage's process group."""
-    fault(point)
-    if _take(fault, point + KILL_STAGE):
-        kill_stage()
 
 
 def make_stages(engine: str, cfg: Any, run_dir: Path, show_progress: bool = False,

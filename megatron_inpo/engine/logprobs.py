@@ -25,7 +25,7 @@ import torch
 from megatron_inpo.data.preferences import PreferencePair
 from megatron_inpo.engine.batches import SequenceBatch
 from megatron_inpo.engine.config import LogprobStageConfig
-from megatron_inpo.faults import hold_if_requested
+from megatron_inpo.events import emit
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def compute_role_logps(
         if store is not None and dist.get_rank() == 0:
             store.append(role, c, values[lo:hi])
         dist.barrier()
-        hold_if_requested()  # fault-injection tests only: wait here for the driver's kill
+        emit("running")  # a chunk is stored (megatron_inpo/events.py)
         computed += 1
         if progress:
             progress(hi - lo)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from megatron_inpo.engine.config import TrainStageConfig, batch_pad_multiple
-from megatron_inpo.faults import hold_if_requested
+from megatron_inpo.events import emit
 
 
 def load_items(cfg: TrainStageConfig) -> list:
@@ -169,7 +169,7 @@ class _Trainer:
                     ckpt.save_checkpoint(out / "checkpoints", step + 1, self.model, self.meta, self.optimizer,
                                          self.scheduler, data_state, tokenizer_dir=self.tokenizer_dir,
                                          keep_last=t.keep_checkpoints)
-                    hold_if_requested()  # fault-injection tests only: wait here for the driver's kill
+                    emit("checkpoint")  # a step checkpoint is complete (megatron_inpo/events.py)
                 if t.stop_after_steps and step + 1 - start >= t.stop_after_steps and step + 1 < steps:
                     return step + 1
         finally:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence, TypeVar
 
 from megatron_inpo.data.preferences import append_jsonl, read_done_ids
-from megatron_inpo.faults import no_fault
+from megatron_inpo.events import emit
 
 if TYPE_CHECKING:
     from megatron_inpo.data.preferences import PreferencePair
@@ -206,13 +206,13 @@ def _bar(enabled: bool, total: int, initial: int, desc: str):
 
 
 def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], ContextManager["RolloutEngine"]],
-                  out_path: str | Path, iteration: int = 1, batch_size: int = 64, progress: bool = True,
-                  fault: Callable[[str], None] = no_fault) -> dict[str, Any]:
+                  out_path: str | Path, iteration: int = 1, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, Any]:
     """Sample K responses for every prompt not yet in `out_path` (rollouts.jsonl), appended batch by batch.
 
     `open_engine()` (a context manager giving the engine; contextlib.nullcontext(engine) for an open one) is
     entered only when a prompt is left: a finished stage starts no engine and wakes no server.
-    `fault(f"batch{k}")` runs after batch k is on disk.
+    Event `batch<k>` (megatron_inpo/events.py) once batch k is on disk.
     Returns {"rollouts": path, "prompts": prompts in the file, "sequences": samples, "mean_tokens": per sample}.
     """
     out_path = Path(out_path)
@@ -232,7 +232,7 @@ def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], C
                     start = len(prompts) - len(todo)
                     _batch_line(f"rollout it{iteration}", k + 1, len(batches),
                                 start + sum(len(b) for b in batches[:k + 1]), len(prompts), t_start, start)
-                fault(f"batch{k + 1}")
+                emit(f"batch{k + 1}")
             if bar is not None:
                 bar.close()
     rows = _read_jsonl(out_path)
@@ -243,11 +243,11 @@ def rollout_stage(prompts: Sequence["PromptRecord"], open_engine: Callable[[], C
 
 def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path: str | Path, iteration: int = 1,
                 model_version: str = "", batch_size: int = 64, progress: bool = True,
-                fault: Callable[[str], None] = no_fault, winrate: str = "uclaml") -> dict[str, Any]:
+                winrate: str = "uclaml") -> dict[str, Any]:
     """Judge every prompt of `rollouts_path` not yet in `out_path` (pairs) or its .dropped.jsonl, batch by batch
     (`winrate`: the all-pairs win-rate definition, judge/tournament.py WINRATES).
 
-    `fault(f"batch{k}")` runs after batch k is on disk. Returns {"pairs_file", "pairs" and "dropped" (totals in the
+    Event `batch<k>` once batch k is on disk. Returns {"pairs_file", "pairs" and "dropped" (totals in the
     files), "method", "comparisons" (made by this call)}.
     """
     out_path = Path(out_path)
@@ -266,7 +266,7 @@ def judge_stage(rollouts_path: str | Path, judge: "Judge", method: str, out_path
         else:
             _batch_line(f"judge it{iteration}", k + 1, len(batches), start + sum(len(b) for b in batches[:k + 1]),
                         len(records), t_start, start, comparisons=comparisons)
-        fault(f"batch{k + 1}")
+        emit(f"batch{k + 1}")
     if bar is not None:
         bar.close()
     return {"pairs_file": str(out_path), "pairs": len(read_done_ids(out_path)),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.faults import no_fault
+from megatron_inpo.events import emit
 from megatron_inpo.files import atomic_write_json
 from megatron_inpo.serving.pool import SGLangError, SGLangPool
 
@@ -91,19 +91,18 @@ def memory_servers(rollout: Any, judges: Iterable[Any]) -> MemoryServers:
 class ServerMemory:
     """Release / resume the GPU memory of `servers` ({URL: memory tags}, memory_servers) for the run in `run_dir`.
 
-    `fault` is the stage's fault hook (megatron_inpo.faults.StageFault): its points `<action>:sending`,
-    `<action>:sent` and `<action>:recorded` let the tests kill the driver there. With enabled=False (the saver
+    Each call announces the events `<action>:sending`, `<action>:sent` and `<action>:recorded` of the running
+    stage (megatron_inpo/events.py; the tests kill the driver there). With enabled=False (the saver
     switched off on resumption) release does nothing and resume gives back only memory this run released.
     `api_keys` ({URL: key or env:VAR}; default: `servers.api_keys` when memory_servers made it) authenticates
     the calls to servers started with --api-key.
     """
 
     def __init__(self, run_dir: str | Path, servers: dict[str, list[str]],
-                 fault: Callable[[str], None] = no_fault, enabled: bool = True,
+                 enabled: bool = True,
                  api_keys: dict[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.servers = servers
-        self.fault = fault
         self.enabled = enabled
         self.api_keys = dict(getattr(servers, "api_keys", {}) if api_keys is None else api_keys)
 
@@ -160,7 +159,7 @@ class ServerMemory:
                     "Restart that SGLang server (a fresh one holds its memory; the driver tells it by the new "
                     "startup_time of /server_info) and rerun the same command.")
             record.set(url, in_flight, tags, started)
-            self.fault(f"{action}:sending")
+            emit(f"{action}:sending")
             try:
                 pool.request(f"/{action}_memory_occupation", {"tags": tags}, server=i, parse_json=False,
                              max_retries=0)
@@ -169,9 +168,9 @@ class ServerMemory:
                     record.set(url, state, tags, started)
                 raise SGLangError(f"/{action}_memory_occupation on {url} failed; the server's memory state is "
                                   f"recorded in {record.path}: {e}", status=e.status) from None
-            self.fault(f"{action}:sent")
+            emit(f"{action}:sent")
             record.set(url, target, tags, started)
-        self.fault(f"{action}:recorded")
+        emit(f"{action}:recorded")
 
 
 def server_startup_time(pool: SGLangPool, i: int, url: str) -> str | None:

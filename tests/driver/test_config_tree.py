@@ -30,13 +30,13 @@ def _captured_stage_yaml(stages: MegatronStages, out_dir: Path) -> dict:
     """Run the driver's train stage with the subprocess replaced by a recorder; the stage YAML it wrote."""
     seen = {}
 
-    def record(name, args, **kw):
-        seen["yaml"] = Path(args[args.index("--config") + 1])
+    def record(name, call, **kw):
+        seen["yaml"] = Path(call.argv[call.argv.index("--config") + 1])
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_result.json").write_text(json.dumps({"final_checkpoint": "ck", "metrics": {}}))
 
     stages.run = record
-    stages.train(Path("pairs.jsonl"), Path("init"), out_dir, fault=lambda point: None)
+    stages.train(Path("pairs.jsonl"), Path("init"), out_dir)
     return yaml.safe_load(seen["yaml"].read_text())
 
 

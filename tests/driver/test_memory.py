@@ -2,14 +2,14 @@
 killed at any moment of a release or resume, then rerun, never sends a resume to a server that was not released
 nor a second release (either kills a real SGLang server; the stateful fake dies the same way and records it).
 
-The fast tests drive Driver.server_memory in-process, "killing" it with an exception at each fault point; the slow
-test SIGKILLs the real driver (engine=torch, rollout on the fake server) at every transition and reruns it."""
+The fast tests drive Driver.server_memory in-process, "killing" it with an exception at each event of a memory call
+(megatron_inpo/events.py); the slow test SIGKILLs the real driver (engine=torch, rollout on the fake server) at every transition and reruns it."""
 import json
 import signal
 
 import pytest
 
-import megatron_inpo.faults as faults
+from megatron_inpo import events
 from tests.helpers.driver import run_cli, sglang_overrides, task_server, tiny_overrides
 from megatron_inpo.cli.run import resolve_config
 from megatron_inpo.driver.loop import Driver
@@ -34,8 +34,8 @@ def _cfg(tmp_path, policy, judge):
 
 def _step(cfg, key, action):
     d = Driver(cfg, progress=False, out=lambda s: None)
-    d._stage_key = key
-    d.server_memory(action)
+    with events.scope(key):
+        d.server_memory(action)
 
 
 def _memory_calls(srv):
@@ -47,16 +47,14 @@ def _memory_calls(srv):
 def test_killed_at_every_memory_transition_never_makes_an_invalid_call(tmp_path, monkeypatch, at, phase):
     key, action = STEPS[at]
     point = f"{key}@{action}:{phase}"
-    real = faults.fault_point
-
-    def fault(run_dir, name):
+    def fault(name):
         if name == point and not fault.fired:
             fault.fired = True
             raise Killed(name)
-        real(run_dir, name)
 
     fault.fired = False
-    monkeypatch.setattr(faults, "fault_point", fault)
+    monkeypatch.setattr(events, "_listeners", [])  # this test's listener alone, gone when it ends
+    events.subscribe(fault)
     with FakeSGLang() as policy, FakeSGLang() as judge:
         cfg = _cfg(tmp_path, policy, judge)
         i, refusals = 0, 0

@@ -179,7 +179,7 @@ def test_sigkill_and_resume_on_gpu_matches_uninterrupted(tiny, tmp_path, precisi
     The tolerance covers the GPU's non-deterministic attention backward, not a lost state: a step of lr 1e-3
     moves this loss by about 1e-2.
     """
-    from megatron_inpo.faults import HOLD_ENV
+    from tests.helpers.faults import env_for
 
     full = tmp_path / "full"
     proc = _cli(*_train(tiny, full, precision))
@@ -189,7 +189,9 @@ def test_sigkill_and_resume_on_gpu_matches_uninterrupted(tiny, tmp_path, precisi
     assert abs(want[-1][1] - want[0][1]) > 10 * rel_tol * abs(want[0][1]), "training did not move the loss"
 
     cut = tmp_path / "cut"
-    env = {**os.environ, "MASTER_PORT": str(next(PORTS)), HOLD_ENV: "1"}
+    # the listener of tests/helpers/faults.py holds the stage at its first step checkpoint (event '@checkpoint': a
+    # stage started outside a run has no scope) until it is killed
+    env = {**os.environ, "MASTER_PORT": str(next(PORTS)), **env_for("@checkpoint:hold", tmp_path)}
     p = subprocess.Popen([PY, "-m", "megatron_inpo", *_train(tiny, cut, precision)], cwd=REPO, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240

@@ -29,6 +29,11 @@ def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> s
     e.pop("MEGATRON_INPO_FAULT", None)
     if env:
         e.update(env)
+    if e.get("MEGATRON_INPO_FAULT"):  # faults of a run: the listener (tests/helpers/faults.py), markers in its run_dir
+        from tests.helpers.faults import env_for
+
+        run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--run_dir="))
+        e.update(env_for(e["MEGATRON_INPO_FAULT"], run_dir))
     return subprocess.run([PY, "-m", "megatron_inpo", *args], capture_output=True, text=True, timeout=timeout,
                           env=e, cwd=str(REPO))
 

@@ -100,8 +100,7 @@ def test_two_torchrun_agents_tp2_pp2_dp2_match_one_process(tmp_path):
     t0 = time.perf_counter()
     stages = MegatronStages(multi, tmp_path / "run_multi")
     try:
-        final, _ = stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_multi" / "iter_01" / "train",
-                                fault=lambda p: None)
+        final, _ = stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_multi" / "iter_01" / "train")
     finally:
         stages.close()  # the stage worker, CPU's default runner: its 8 ranks exit
     t_multi = time.perf_counter() - t0
@@ -110,7 +109,7 @@ def test_two_torchrun_agents_tp2_pp2_dp2_match_one_process(tmp_path):
     t0 = time.perf_counter()
     stages = MegatronStages(one, tmp_path / "run_one")
     try:
-        stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_one" / "iter_01" / "train", fault=lambda p: None)
+        stages.train(data, tmp_path / "init_ckpt", tmp_path / "run_one" / "iter_01" / "train")
     finally:
         stages.close()
     t_one = time.perf_counter() - t0

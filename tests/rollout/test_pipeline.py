@@ -174,16 +174,22 @@ def test_resume_into_another_iterations_file_is_refused(eng, reference, tmp_path
 
 def test_rollout_then_judge_stages_write_what_the_one_pass_stage_writes(eng, reference, tmp_path):
     """The driver's two stages (all samples first, then the judge) are the same pieces as generate_preferences:
-    same pairs and dropped records byte for byte, fault points after each batch, the same-iteration check."""
+    same pairs and dropped records byte for byte, an event after each batch, the same-iteration check."""
     import contextlib
 
+    from megatron_inpo import events
     from megatron_inpo.rollout.pipeline import judge_stage, rollout_stage
 
     out, _ = reference
     rolls, pairs, points = tmp_path / "rollouts.jsonl", tmp_path / "prefs.jsonl", []
-    s = rollout_stage(PROMPTS, lambda: contextlib.nullcontext(eng), rolls, iteration=1, batch_size=4,
-                      progress=False, fault=points.append)
-    assert (s["prompts"], s["sequences"], points) == (10, 40, ["batch1", "batch2", "batch3"])
+    stop = events.subscribe(points.append)
+    try:
+        with events.scope("iter1/rollout"):
+            s = rollout_stage(PROMPTS, lambda: contextlib.nullcontext(eng), rolls, iteration=1, batch_size=4,
+                              progress=False)
+    finally:
+        stop()
+    assert (s["prompts"], s["sequences"], points) == (10, 40, [f"iter1/rollout@batch{k}" for k in (1, 2, 3)])
     assert rollout_stage(PROMPTS, lambda: pytest.fail("a finished stage opens no engine"), rolls, iteration=1,
                          progress=False) == s
     j = judge_stage(rolls, ProgrammaticJudge(pref_fn=longer, name="len"), "tournament", pairs, iteration=1,
