@@ -113,3 +113,16 @@ def test_no_product_signature_takes_a_test_hook():
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tests":
                 found.append(f"{path}:{node.lineno}: imports {node.module}")
     assert found == []
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Long functions mixed concerns (validation, shard mapping and file layout in one converter function): each
+    is split into pieces that can be read and tested alone."""
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path}:{node.lineno}: {node.name} has {n} lines")
+    assert long == []

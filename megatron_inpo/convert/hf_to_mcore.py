@@ -148,19 +148,36 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
     dtype: None keeps the HF dtype (bit-exact), else "bf16" / "fp16" / "fp32". layer_spec is recorded in the
     metadata (the checkpoint keys are the same for the local and the TE spec). verify_digests: check the digest
     record of an export of this project first (None: unless MEGATRON_INPO_NO_VERIFY=1; see engine/trust.py).
+    Three steps, each testable alone: check the input (_checked_source), map names and TP shards
+    (_sharded_plan), write the dist-checkpoint (_write).
     """
-    from megatron.core.dist_checkpointing.core import save_config
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
-    from torch.distributed import checkpoint as dcp
-    from tqdm import tqdm
-
-    from megatron_inpo.engine import compat
-    from megatron_inpo.engine.parallel import init_distributed
-    from megatron_inpo.files import atomic_directory, atomic_write_json
-
     t0 = time.perf_counter()
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
+    src, arch, out_dtype, hf_config, gen_config = _checked_source(hf_dir, tp, pp, dtype, layer_spec, verify_digests)
+    vp = padded_vocab(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    lazy = _sharded_plan(src, arch, tp, vp, out_dtype)
+    meta = {"format_version": FORMAT_VERSION, "hf_config": hf_config, "padded_vocab_size": vp, "tp": tp,
+            "pp": pp, "layer_spec": layer_spec, "iteration": 0, "step": 0,
+            "tokenizer_dir": None, "dtype": str(out_dtype).replace("torch.", ""),  # tokenizer_dir: set by _write
+            "generation_config": gen_config,
+            "source": str(hf_dir)}
+    _write(lazy, hf_dir, mcore_dir, meta, out_dtype, overwrite,
+           progress_desc=f"hf->mcore tp={tp} pp={pp}" if progress else None)
+    summary = {"bytes": lazy.nbytes, "seconds": time.perf_counter() - t0, "padded_vocab_size": vp,
+               "tensors": len(lazy.producers)}
+    if verify:
+        from megatron_inpo.convert.verify import verify_mcore_against_hf
+
+        summary["verify_max_abs_err"] = verify_mcore_against_hf(mcore_dir, hf_dir)
+    return summary
+
+
+def _checked_source(hf_dir: Path, tp: int, pp: int, dtype: Optional[str], layer_spec: str,
+                    verify_digests: Optional[bool]) -> tuple[SafetensorsSource, LlamaArch, torch.dtype, dict,
+                                                             dict | None]:
+    """Check an HF directory before any work: options, its export digests, config.json, generation_config.json,
+    every tensor's name and shape, one dtype. Returns the tensor source, the architecture, the output dtype,
+    config.json and generation_config.json (None if absent)."""
     if tp < 1 or pp < 1:
         raise ConvertError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     if layer_spec not in ("local", "te"):
@@ -193,9 +210,14 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
         out_dtype = DTYPE_NAMES[dtype]
     else:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES)}")
+    return src, arch, out_dtype, hf_config, gen_config
 
+
+def _sharded_plan(src: SafetensorsSource, arch: LlamaArch, tp: int, vp: int,
+                  out_dtype: torch.dtype) -> _LazySharded:
+    """Every tensor of the Megatron checkpoint as a sharded placeholder with the function that computes it from the
+    HF tensors (names mapped by engine/mapping.py; vocab padded to `vp` rows; TP slices)."""
     V, L, H = arch.vocab_size, arch.num_layers, arch.hidden_size
-    vp = padded_vocab(V, tp, make_vocab_size_divisible_by)
     lazy = _LazySharded(out_dtype)
 
     def vocab_rows(hf_name, r):
@@ -208,47 +230,70 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
 
     for r in range(tp):
         lazy.add(f"embed.{r}", M.EMBED, (vp // tp, H), [(0, r, tp)], vocab_rows(M.HF_EMBED, r))
-    g_per = arch.num_query_groups // tp
-    d, F = arch.head_dim, arch.intermediate_size
-    q_rows = arch.num_heads // arch.num_query_groups * d
     for layer in range(L):
-        lay = (0, layer, L)
-        name = lambda n, _l=layer: M.hf_layer_name(_l, n)  # noqa: E731
-        for suffix, (hf_names, kind) in M.LAYER_PARAMS.items():
-            key = M.LAYER_PREFIX + suffix
-            full = M.megatron_shape(arch, suffix, vp)
-            if kind == "rep":
-                lazy.add(f"{layer}.{suffix}", key, full, [lay], lambda n=name(hf_names[0]): src.read(n), prepend=1)
-                continue
-            for r in range(tp):
-                if kind == "qkv":
-                    def produce(r=r, n=[name(x) for x in hf_names]):
-                        ga, gb = r * g_per, (r + 1) * g_per
-                        q = src.read(n[0], (ga * q_rows, gb * q_rows))
-                        k = src.read(n[1], (ga * d, gb * d))
-                        v = src.read(n[2], (ga * d, gb * d))
-                        sub = LlamaArch(**{**arch.__dict__, "num_query_groups": g_per,
-                                           "num_heads": arch.num_heads // tp})
-                        return M.qkv_merge(q, k, v, sub)
-                    lazy.add(f"{layer}.{suffix}.{r}", key, (full[0] // tp, H), [lay, (1, r, tp)], produce, prepend=1)
-                elif kind == "col":
-                    def produce(r=r, n=name(hf_names[0]), cols=full[1] // tp):
-                        return src.read(n)[:, r * cols:(r + 1) * cols]
-                    lazy.add(f"{layer}.{suffix}.{r}", key, (full[0], full[1] // tp), [lay, (2, r, tp)], produce,
-                             prepend=1)
-                elif kind == "fc1":  # Megatron's swiglu layout: gate_r at fragment r, up_r at fragment tp + r
-                    rows = F // tp
-                    for half, hf_n in enumerate(hf_names):
-                        lazy.add(f"{layer}.{suffix}.{r}.{half}", key, (rows, H), [lay, (1, half * tp + r, 2 * tp)],
-                                 lambda n=name(hf_n), a=r * rows: src.read(n, (a, a + rows)), prepend=1)
-                else:
-                    raise AssertionError(kind)
-        for lin in M.LINEARS_WITH_EXTRA_STATE:
-            lazy.add_object(f"{layer}.{lin}._extra_state", f"{M.LAYER_PREFIX}{lin}._extra_state", layer, L)
+        _plan_layer(lazy, src, arch, layer, tp, vp)
     lazy.add("final_norm", M.FINAL_NORM, (H,), [], lambda: src.read(M.HF_NORM))
     if not arch.tie_word_embeddings:
         for r in range(tp):
             lazy.add(f"output.{r}", M.OUTPUT, (vp // tp, H), [(0, r, tp)], vocab_rows(M.HF_LM_HEAD, r))
+    return lazy
+
+
+def _plan_layer(lazy: _LazySharded, src: SafetensorsSource, arch: LlamaArch, layer: int, tp: int,
+                vp: int) -> None:
+    """One transformer layer's tensors: replicated, fused QKV, column-split and swiglu fc1 TP slices."""
+    L, H = arch.num_layers, arch.hidden_size
+    g_per = arch.num_query_groups // tp
+    d, F = arch.head_dim, arch.intermediate_size
+    q_rows = arch.num_heads // arch.num_query_groups * d
+    lay = (0, layer, L)
+    name = lambda n, _l=layer: M.hf_layer_name(_l, n)  # noqa: E731
+    for suffix, (hf_names, kind) in M.LAYER_PARAMS.items():
+        key = M.LAYER_PREFIX + suffix
+        full = M.megatron_shape(arch, suffix, vp)
+        if kind == "rep":
+            lazy.add(f"{layer}.{suffix}", key, full, [lay], lambda n=name(hf_names[0]): src.read(n), prepend=1)
+            continue
+        for r in range(tp):
+            if kind == "qkv":
+                def produce(r=r, n=[name(x) for x in hf_names]):
+                    ga, gb = r * g_per, (r + 1) * g_per
+                    q = src.read(n[0], (ga * q_rows, gb * q_rows))
+                    k = src.read(n[1], (ga * d, gb * d))
+                    v = src.read(n[2], (ga * d, gb * d))
+                    sub = LlamaArch(**{**arch.__dict__, "num_query_groups": g_per,
+                                       "num_heads": arch.num_heads // tp})
+                    return M.qkv_merge(q, k, v, sub)
+                lazy.add(f"{layer}.{suffix}.{r}", key, (full[0] // tp, H), [lay, (1, r, tp)], produce, prepend=1)
+            elif kind == "col":
+                def produce(r=r, n=name(hf_names[0]), cols=full[1] // tp):
+                    return src.read(n)[:, r * cols:(r + 1) * cols]
+                lazy.add(f"{layer}.{suffix}.{r}", key, (full[0], full[1] // tp), [lay, (2, r, tp)], produce,
+                         prepend=1)
+            elif kind == "fc1":  # Megatron's swiglu layout: gate_r at fragment r, up_r at fragment tp + r
+                rows = F // tp
+                for half, hf_n in enumerate(hf_names):
+                    lazy.add(f"{layer}.{suffix}.{r}.{half}", key, (rows, H), [lay, (1, half * tp + r, 2 * tp)],
+                             lambda n=name(hf_n), a=r * rows: src.read(n, (a, a + rows)), prepend=1)
+            else:
+                raise AssertionError(kind)
+    for lin in M.LINEARS_WITH_EXTRA_STATE:
+        lazy.add_object(f"{layer}.{lin}._extra_state", f"{M.LAYER_PREFIX}{lin}._extra_state", layer, L)
+
+
+def _write(lazy: _LazySharded, hf_dir: Path, mcore_dir: Path, meta: dict, out_dtype: torch.dtype, overwrite: bool,
+           progress_desc: str | None) -> None:
+    """The dist-checkpoint, written atomically: every shard computed as torch's writer asks for it, the common
+    state in the installed release's layout, the tokenizer files, the metadata with each file's sha256."""
+    from megatron.core.dist_checkpointing.core import save_config
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+    from torch.distributed import checkpoint as dcp
+    from tqdm import tqdm
+
+    from megatron_inpo.engine import compat
+    from megatron_inpo.engine.parallel import init_distributed
+    from megatron_inpo.files import atomic_directory, atomic_write_json
 
     init_distributed()  # DCP's sharded-tensor types need a process group (a world of 1 here)
     # the (empty) common state in the layout of the installed release (engine/compat.py, difference 2)
@@ -256,8 +301,7 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
     sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(
         {"model": lazy.state, **({compat.COMMON_ENTRY: common_entry} if common_entry is not None else {})})
     pyt_sd = mcore_to_pyt_state_dict(sharded, False)
-    bar = tqdm(total=lazy.nbytes, unit="B", unit_scale=True, desc=f"hf->mcore tp={tp} pp={pp}",
-               disable=not progress)
+    bar = tqdm(total=lazy.nbytes, unit="B", unit_scale=True, desc=progress_desc, disable=progress_desc is None)
     planner = _lazy_planner_cls()(lazy.producers, out_dtype, bar.update, can_run_decentralized_global_plan=False,
                                   flatten_state_dict=False)
     with atomic_directory(mcore_dir, overwrite=overwrite) as tmp:
@@ -271,19 +315,8 @@ def convert_hf_to_mcore(hf_dir, mcore_dir, tp: int = 1, pp: int = 1, dtype: Opti
             (tmp / "tokenizer").mkdir()
             for p in tok_files:
                 shutil.copy2(p, tmp / "tokenizer" / p.name)
-        meta = {"format_version": FORMAT_VERSION, "hf_config": hf_config, "padded_vocab_size": vp, "tp": tp,
-                "pp": pp, "layer_spec": layer_spec, "iteration": 0, "step": 0,
-                "tokenizer_dir": "tokenizer" if tok_files else None, "dtype": str(out_dtype).replace("torch.", ""),
-                "generation_config": gen_config,
-                "source": str(hf_dir)}
+        meta = {**meta, "tokenizer_dir": "tokenizer" if tok_files else None}  # keeps its place in the record
         # per-file sha256 (engine/trust.py): one extra read pass over the files just written
         meta[FILES_KEY] = file_digests(tmp)
         atomic_write_json(tmp / META_FILE, meta)
     bar.close()
-    summary = {"bytes": lazy.nbytes, "seconds": time.perf_counter() - t0, "padded_vocab_size": vp,
-               "tensors": len(lazy.producers)}
-    if verify:
-        from megatron_inpo.convert.verify import verify_mcore_against_hf
-
-        summary["verify_max_abs_err"] = verify_mcore_against_hf(mcore_dir, hf_dir)
-    return summary

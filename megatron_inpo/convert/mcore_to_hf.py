@@ -13,7 +13,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -169,11 +169,12 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
                         progress: bool = True, verify: bool = False, verify_digests: Optional[bool] = None) -> dict:
     """Convert; returns {"bytes", "seconds", "shards", "tensors", "verify_max_abs_err"}. dtype: bf16 | fp16 |
     fp32 | keep (the checkpoint's dtype). verify_digests: check the checkpoint's recorded file digests first
-    (None: unless MEGATRON_INPO_NO_VERIFY=1)."""
+    (None: unless MEGATRON_INPO_NO_VERIFY=1). The tensors stream layer by layer (_hf_tensors) into size-limited
+    safetensors shards (_ShardWriter); the configs and the tokenizer follow (_write_side_files)."""
     from tqdm import tqdm
 
     from megatron_inpo.engine import trust
-    from megatron_inpo.files import atomic_directory, atomic_write_json
+    from megatron_inpo.files import atomic_directory
 
     t0 = time.perf_counter()
     mcore_dir, hf_dir = Path(mcore_dir), Path(hf_dir)
@@ -181,90 +182,115 @@ def convert_mcore_to_hf(mcore_dir, hf_dir, dtype: str = "bf16", max_shard_size="
         raise ConvertError(f"--dtype {dtype!r}: expected one of {sorted(DTYPE_NAMES) + ['keep']}")
     limit = parse_size(max_shard_size)
     meta = read_meta(mcore_dir)
-    hf_config = dict(meta["hf_config"])
-    arch = arch_for(hf_config, mcore_dir / META_FILE)
-    vp = int(meta["padded_vocab_size"])
+    arch = arch_for(dict(meta["hf_config"]), mcore_dir / META_FILE)
     reader = CheckpointReader(mcore_dir, arch.num_layers, verify_digests=verify_digests)
-    H = arch.hidden_size
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
-
     bar = tqdm(total=arch.num_layers + 2, unit="layer", desc="mcore->hf", disable=not progress)
-    weight_map: dict[str, str] = {}
-    written = 0
-    shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-
     with atomic_directory(hf_dir, overwrite=overwrite) as tmp:
-        def flush():
-            nonlocal pending, pending_bytes
-            if pending:
-                idx = len(shards)
-                save_shard(pending, tmp / f".shard{idx}.safetensors")
-                shards.append(list(pending))
-                pending, pending_bytes = {}, 0
-
-        def emit(name, t):
-            nonlocal pending_bytes, written
-            t = (t if out_dtype is None else t.to(out_dtype)).contiguous()
-            n = t.numel() * t.element_size()
-            if pending and pending_bytes + n > limit:
-                flush()
-            pending[name] = t
-            pending_bytes += n
-            written += n
-
-        emb = reader.load({"e": (M.EMBED, (vp, H), None)})["e"]
-        emit(M.HF_EMBED, emb[: arch.vocab_size].clone())
-        del emb
-        bar.update(1)
-        for layer in range(arch.num_layers):
-            req = {s: (M.LAYER_PREFIX + s, M.megatron_shape(arch, s, vp), layer) for s in M.LAYER_PARAMS}
-            for name, t in M.layer_to_hf(reader.load(req), arch, layer).items():
-                emit(name, t)
-            bar.update(1)
-        top = {"n": (M.FINAL_NORM, (H,), None)}
-        if not arch.tie_word_embeddings:
-            top["o"] = (M.OUTPUT, (vp, H), None)
-        got = reader.load(top)
-        emit(M.HF_NORM, got["n"])
-        if "o" in got:
-            emit(M.HF_LM_HEAD, got["o"][: arch.vocab_size].clone())
-        del got
-        flush()
-        bar.update(1)
+        shards = _ShardWriter(tmp, limit, out_dtype)
+        for name, t in _hf_tensors(reader, arch, int(meta["padded_vocab_size"]), bar.update):
+            shards.add(name, t)
+        weight_map = shards.finish()
         bar.close()
-
-        n = len(shards)
-        if n == 1:
-            (tmp / ".shard0.safetensors").rename(tmp / SINGLE_FILE)
-            weight_map = {k: SINGLE_FILE for k in shards[0]}
-        else:
-            for i, names in enumerate(shards):
-                final = _shard_name(i + 1, n)
-                (tmp / f".shard{i}.safetensors").rename(tmp / final)
-                weight_map.update({k: final for k in names})
-            atomic_write_json(tmp / INDEX_FILE, {"metadata": {"total_size": written}, "weight_map": weight_map})
-        out_dtype_name = str(out_dtype or reader.dtype(M.EMBED)).replace("torch.", "")
-        hf_config["dtype"] = out_dtype_name
-        hf_config.pop("torch_dtype", None)
-        atomic_write_json(tmp / "config.json", hf_config)
-        gen = meta.get("generation_config") or {
-            k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
-        atomic_write_json(tmp / "generation_config.json", gen)
-        tok = meta.get("tokenizer_dir")
-        if tok:
-            tok_dir = (mcore_dir / tok) if not Path(tok).is_absolute() else Path(tok)
-            if not tok_dir.is_dir():
-                raise ConvertError(f"{mcore_dir / META_FILE}: tokenizer_dir {tok_dir} does not exist")
-            for p in sorted(tok_dir.iterdir()):
-                if p.is_file():
-                    (tmp / p.name).write_bytes(p.read_bytes())
+        _write_side_files(tmp, meta, mcore_dir, str(out_dtype or reader.dtype(M.EMBED)).replace("torch.", ""))
         # last, over the bytes just written (still in the page cache): what every reader of the export checks
         trust.record_export_digests(tmp)
-    summary = {"bytes": written, "seconds": time.perf_counter() - t0, "shards": n, "tensors": len(weight_map)}
+    summary = {"bytes": shards.written, "seconds": time.perf_counter() - t0, "shards": shards.count,
+               "tensors": len(weight_map)}
     if verify:
         from megatron_inpo.convert.verify import verify_mcore_against_hf
 
         summary["verify_max_abs_err"] = verify_mcore_against_hf(mcore_dir, hf_dir)
     return summary
+
+
+def _hf_tensors(reader: CheckpointReader, arch, vp: int, done: Callable[[int], Any]):
+    """(HF name, tensor) of every weight in the HF order: embedding, each layer, final norm, untied head;
+    `done(1)` after each of those parts."""
+    H = arch.hidden_size
+    emb = reader.load({"e": (M.EMBED, (vp, H), None)})["e"]
+    yield M.HF_EMBED, emb[: arch.vocab_size].clone()
+    del emb
+    done(1)
+    for layer in range(arch.num_layers):
+        req = {s: (M.LAYER_PREFIX + s, M.megatron_shape(arch, s, vp), layer) for s in M.LAYER_PARAMS}
+        yield from M.layer_to_hf(reader.load(req), arch, layer).items()
+        done(1)
+    top = {"n": (M.FINAL_NORM, (H,), None)}
+    if not arch.tie_word_embeddings:
+        top["o"] = (M.OUTPUT, (vp, H), None)
+    got = reader.load(top)
+    yield M.HF_NORM, got["n"]
+    if "o" in got:
+        yield M.HF_LM_HEAD, got["o"][: arch.vocab_size].clone()
+    del got
+    done(1)
+
+
+class _ShardWriter:
+    """Tensors into safetensors shards of at most `limit` bytes (one tensor may exceed it alone), named as
+    transformers does, with the index file when there is more than one."""
+
+    def __init__(self, directory: Path, limit: int, dtype: Optional[torch.dtype]) -> None:
+        self.dir, self.limit, self.dtype = directory, limit, dtype
+        self.shards: list[list[str]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.shards)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = (t if self.dtype is None else t.to(self.dtype)).contiguous()
+        n = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + n > self.limit:
+            self._flush()
+        self.pending[name] = t
+        self.pending_bytes += n
+        self.written += n
+
+    def _flush(self) -> None:
+        if self.pending:
+            save_shard(self.pending, self.dir / f".shard{len(self.shards)}.safetensors")
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Write what is pending, give the shards their final names; the weight map."""
+        from megatron_inpo.files import atomic_write_json
+
+        self._flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.dir / ".shard0.safetensors").rename(self.dir / SINGLE_FILE)
+            return {k: SINGLE_FILE for k in self.shards[0]}
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(self.shards):
+            final = _shard_name(i + 1, n)
+            (self.dir / f".shard{i}.safetensors").rename(self.dir / final)
+            weight_map.update({k: final for k in names})
+        atomic_write_json(self.dir / INDEX_FILE, {"metadata": {"total_size": self.written}, "weight_map": weight_map})
+        return weight_map
+
+
+def _write_side_files(tmp: Path, meta: dict, mcore_dir: Path, dtype_name: str) -> None:
+    """config.json (with the written dtype), generation_config.json and the tokenizer files of the checkpoint."""
+    from megatron_inpo.files import atomic_write_json
+
+    hf_config = dict(meta["hf_config"])
+    hf_config["dtype"] = dtype_name
+    hf_config.pop("torch_dtype", None)
+    atomic_write_json(tmp / "config.json", hf_config)
+    gen = meta.get("generation_config") or {
+        k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+    atomic_write_json(tmp / "generation_config.json", gen)
+    tok = meta.get("tokenizer_dir")
+    if tok:
+        tok_dir = (mcore_dir / tok) if not Path(tok).is_absolute() else Path(tok)
+        if not tok_dir.is_dir():
+            raise ConvertError(f"{mcore_dir / META_FILE}: tokenizer_dir {tok_dir} does not exist")
+        for p in sorted(tok_dir.iterdir()):
+            if p.is_file():
+                (tmp / p.name).write_bytes(p.read_bytes())

@@ -397,21 +397,45 @@ def load_checkpoint(
     no-code-on-load checks of engine/trust.py always run.
     Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_inpo.engine import compat
     from megatron_inpo.engine import optimizer as optimizer_repairs
 
     path = Path(path)
     meta = read_meta(path)
     digests_verified = _checked_on_rank0(path, meta, verify_digests)
-    model_sd = _model_sharded(model_chunks)
-    request: dict[str, Any] = {"model": model_sd}
-    same_layout = (meta["tp"], meta["pp"]) == (
-        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     weights_only_optimizer = None
     if optimizer is not None and not optimizer_state:
         weights_only_optimizer, optimizer = optimizer, None
+    request, want_rng = _load_request(path, meta, model_chunks, optimizer, load_rng)
+    loaded, missing = _load_sharded(path, request, model_chunks, digests_verified)
+    if strict and missing:
+        raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
+    if optimizer is not None:
+        import torch
+
+        # Megatron's optimizer state holds the fp32 master weights (fp32_param / the distributed optimizer's
+        # shards), so a resume restores them bit for bit; no refresh from the (bf16) model weights here, which
+        # would round them (tests/engine/test_parallel.py checks both optimizers).
+        with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
+            optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_repairs.restore_adam_steps(optimizer)
+    if weights_only_optimizer is not None:
+        optimizer_repairs.sync_master_weights(weights_only_optimizer)
+    data = _restore_common(path, meta, scheduler)
+    if want_rng:
+        _set_rng_state(loaded["rng"])
+    return {"meta": meta, "data": data, "rng_loaded": want_rng}
+
+
+def _load_request(path: Path, meta: dict, model_chunks: list, optimizer: Any, load_rng: bool) -> tuple[dict, bool]:
+    """The sharded state to load: the model, the optimizer's (its saved layout checked), the RNG states when the
+    layout is the saved one. Returns it and whether the RNG is in it."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_inpo.engine import optimizer as optimizer_repairs
+
+    request: dict[str, Any] = {"model": _model_sharded(model_chunks)}
+    same_layout = (meta["tp"], meta["pp"]) == (
+        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     if optimizer is not None:
         if not meta.get("has_optimizer"):
             raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
@@ -425,7 +449,15 @@ def load_checkpoint(
     elif load_rng and meta.get("has_rng"):
         log.warning("%s: saved at TP=%s PP=%s; RNG states are per-rank and are not restored in a new layout",
                     path, meta["tp"], meta["pp"])
+    return request, bool(want_rng)
+
+
+def _load_sharded(path: Path, request: dict, model_chunks: list, digests_verified: bool) -> tuple[dict, list[str]]:
+    """dist_checkpointing's load of `request`, errors named by the directory; the model's weights set. Returns what
+    was loaded and the model weights the checkpoint lacked."""
     from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_inpo.engine import compat
 
     with _te_extra_state_pickle(allowed=digests_verified):
         try:
@@ -450,28 +482,18 @@ def load_checkpoint(
             log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
         # TE (>= 2.18) unpickles the FP8 extra state here, in set_extra_state, not in dist_checkpointing.load
         result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if strict and missing:
-        raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
-    if optimizer is not None:
-        import torch
+    return loaded, [k for k in result.missing_keys if not k.endswith("_extra_state")]
 
-        # Megatron's optimizer state holds the fp32 master weights (fp32_param / the distributed optimizer's
-        # shards), so a resume restores them bit for bit; no refresh from the (bf16) model weights here, which
-        # would round them (tests/engine/test_parallel.py checks both optimizers).
-        with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
-            optimizer.load_state_dict(loaded["optimizer"])
-        optimizer_repairs.restore_adam_steps(optimizer)
-    if weights_only_optimizer is not None:
-        optimizer_repairs.sync_master_weights(weights_only_optimizer)
+
+def _restore_common(path: Path, meta: dict, scheduler: Any) -> Any:
+    """The scheduler's state (when given) and the data position (a training checkpoint's) from the common
+    state; returns the data position or None."""
+    from megatron_inpo.engine import compat
+
     if scheduler is not None:
         common = compat.load_common_state(path)
         if "scheduler" in common:
             scheduler.load_state_dict(common["scheduler"])
-    data = None
-    if meta.get("has_optimizer"):
-        common = compat.load_common_state(path)
-        data = common.get("data")
-    if want_rng:
-        _set_rng_state(loaded["rng"])
-    return {"meta": meta, "data": data, "rng_loaded": want_rng}
+    if not meta.get("has_optimizer"):
+        return None
+    return compat.load_common_state(path).get("data")

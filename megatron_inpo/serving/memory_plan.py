@@ -182,6 +182,33 @@ def sglang_runtime_reserve_gib(gpu_gib: float, tp: int = 1, chunked_prefill_size
 STARTED_OVERHEAD_GIB = 1.0
 
 
+def _checked_reserves(servers: list[ServerSlot], given: list[bool], gpu_free_gib: float,
+                      runtime_reserve_gib: float | None, started_overhead_gib: float, gpu_total_gib: float | None,
+                      chunked_prefill_size: int | None) -> dict[str, float]:
+    """plan_server_memory's arguments checked (MemoryPlanError naming the first bad one); each server's runtime
+    reserve."""
+    if any(given) and not all(given):
+        raise MemoryPlanError("mem_fraction: give it for every server (check) or for none (plan)")
+    if not gpu_free_gib > 0:
+        raise MemoryPlanError(f"gpu_memory_gib: must be > 0, got {gpu_free_gib}")
+    if runtime_reserve_gib is not None and runtime_reserve_gib < 0:
+        raise MemoryPlanError(f"runtime_reserve_gib: must be >= 0, got {runtime_reserve_gib}")
+    if gpu_total_gib is not None and gpu_total_gib < gpu_free_gib:
+        raise MemoryPlanError(f"gpu_total_gib: {gpu_total_gib} is less than the {gpu_free_gib} GiB free")
+    for s in servers:
+        if not s.gpus:
+            raise MemoryPlanError(f"{s.name}: no GPUs")
+        if s.mem_fraction is not None and not 0 < s.mem_fraction < 1:
+            raise MemoryPlanError(f"{s.name}: mem_fraction must lie in (0, 1), got {s.mem_fraction}")
+    reserve = {s.name: runtime_reserve_gib if runtime_reserve_gib is not None else
+               sglang_runtime_reserve_gib(gpu_total_gib or gpu_free_gib, tp=len(s.gpus),
+                                          chunked_prefill_size=chunked_prefill_size) for s in servers}
+    if not 0 <= started_overhead_gib <= min(reserve.values()):
+        raise MemoryPlanError(f"started_overhead_gib: must lie in [0, runtime reserve {min(reserve.values()):g}], "
+                              f"got {started_overhead_gib}")
+    return reserve
+
+
 def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_reserve_gib: float | None = None,
                        started_overhead_gib: float = STARTED_OVERHEAD_GIB, gpu_total_gib: float | None = None,
                        chunked_prefill_size: int | None = None) -> list[ServerMemory]:
@@ -206,25 +233,8 @@ def plan_server_memory(servers: list[ServerSlot], gpu_free_gib: float, runtime_r
     if not servers:
         return []
     given = [s.mem_fraction is not None for s in servers]
-    if any(given) and not all(given):
-        raise MemoryPlanError("mem_fraction: give it for every server (check) or for none (plan)")
-    if not gpu_free_gib > 0:
-        raise MemoryPlanError(f"gpu_memory_gib: must be > 0, got {gpu_free_gib}")
-    if runtime_reserve_gib is not None and runtime_reserve_gib < 0:
-        raise MemoryPlanError(f"runtime_reserve_gib: must be >= 0, got {runtime_reserve_gib}")
-    if gpu_total_gib is not None and gpu_total_gib < gpu_free_gib:
-        raise MemoryPlanError(f"gpu_total_gib: {gpu_total_gib} is less than the {gpu_free_gib} GiB free")
-    for s in servers:
-        if not s.gpus:
-            raise MemoryPlanError(f"{s.name}: no GPUs")
-        if s.mem_fraction is not None and not 0 < s.mem_fraction < 1:
-            raise MemoryPlanError(f"{s.name}: mem_fraction must lie in (0, 1), got {s.mem_fraction}")
-    reserve = {s.name: runtime_reserve_gib if runtime_reserve_gib is not None else
-               sglang_runtime_reserve_gib(gpu_total_gib or gpu_free_gib, tp=len(s.gpus),
-                                          chunked_prefill_size=chunked_prefill_size) for s in servers}
-    if not 0 <= started_overhead_gib <= min(reserve.values()):
-        raise MemoryPlanError(f"started_overhead_gib: must lie in [0, runtime reserve {min(reserve.values()):g}], "
-                              f"got {started_overhead_gib}")
+    reserve = _checked_reserves(servers, given, gpu_free_gib, runtime_reserve_gib, started_overhead_gib,
+                                gpu_total_gib, chunked_prefill_size)
 
     share: dict[str, float] = {}
     if not all(given):
