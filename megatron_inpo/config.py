@@ -93,6 +93,11 @@ def from_dict(cls: type, data: dict, where: str = "", template: Any = None) -> A
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    renamed = [k for k in unknown if k in getattr(cls, "RENAMED", {})]
+    if renamed:
+        old = renamed[0]
+        raise ConfigError(f"{where + '.' if where else ''}{old}: renamed {cls.RENAMED[old]!r} (write "  # type: ignore[attr-defined]
+                          f"{cls.RENAMED[old]}: {data[old]!r})")  # type: ignore[attr-defined]
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k, getattr(template, k, None))
@@ -121,6 +126,10 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                 raise ConfigError(f"override {item!r}: no config section {p!r}")
             node = node[p]
         if not isinstance(node, dict) or parts[-1] not in node:
+            section = _section_class(type(cfg), parts[:-1])
+            new = getattr(section, "RENAMED", {}).get(parts[-1])
+            if new:
+                raise ConfigError(f"override {item!r}: {key} was renamed {'.'.join([*parts[:-1], new])!r}")
             raise ConfigError(f"override {item!r}: no config field {key!r}")
         try:
             node[parts[-1]] = load_yaml(raw) if raw != "" else ""
@@ -128,6 +137,16 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             raise ConfigError(f"override {key}: not a YAML value ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return from_dict(type(cfg), data, template=cfg)
+
+
+def _section_class(cls: type, path: list[str]) -> type | None:
+    """The dataclass at dotted `path` below `cls` (its declared types), or None."""
+    for p in path:
+        hints = typing.get_type_hints(cls)
+        cls = hints.get(p)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return cls
 
 
 def validate_all(cfg: Any, where: str = "") -> None:

@@ -119,3 +119,19 @@ def test_integers_beyond_64_bits_and_negative_seeds_are_refused_naming_the_field
     assert main(["run", "--recipe", "tiny_cpu", f"--{override}", "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{field}: " in err, err
+
+
+def test_a_renamed_field_is_refused_naming_its_new_name(tmp_path, capsys):
+    """`engine` (the run's trainer switch, renamed `trainer`: one meaning per name) in a YAML config or an override:
+    one line naming the new field, exit 2."""
+    from megatron_inpo.cli import main
+
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("engine: torch\niterations: 1\n")
+    assert main(["run", "--config", str(cfg), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "engine: renamed 'trainer' (write trainer: 'torch')" in err, err
+    assert main(["run", "--recipe", "tiny_cpu", "--engine=torch", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "engine was renamed 'trainer'" in err, err
+    assert main(["run", "--recipe", "tiny_cpu", "--trainer=torch", "--print-config"]) == 0

@@ -74,11 +74,11 @@ def synthetic_pairs(a, n: int):
 def build_engine(a):
     """The Megatron engine of the benchmark (TE + FP8 with --fp8): (engine config, runtime, built policy, DDP
     model, optimizer, scheduler)."""
-    from megatron_inpo.engine.config import EngineConfig, ModelConfig, OptimizerConfig
+    from megatron_inpo.engine.config import MegatronConfig, MegatronModelConfig, OptimizerConfig
     from megatron_inpo.engine.optimizer import build_optimizer
     from megatron_inpo.engine.policy import build_policy, init_runtime, wrap_ddp
 
-    engine = EngineConfig(model=ModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"))
+    engine = MegatronConfig(model=MegatronModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"))
     rt = init_runtime(engine, seed=0)
     built = build_policy(hf_config(a), engine, rt)
     precision = engine.model.resolved_precision(rt.cuda)

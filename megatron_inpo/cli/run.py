@@ -55,7 +55,7 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
 
     driver = Driver(cfg, progress=not args.no_progress, out=lambda s: print(s, flush=True))
     print(f"{PROG}: {cfg.iterations} iteration(s) of {cfg.algorithm.objective.name} "
-          f"(engine {cfg.engine}) in {driver.run_dir}", flush=True)
+          f"(trainer {cfg.trainer}) in {driver.run_dir}", flush=True)
     try:  # bad input, a full disk, Ctrl-C, ...: loader.guard's one-line message (exit 2, 130)
         rows = driver.run()
     except StageError as e:

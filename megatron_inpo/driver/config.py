@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.engine.config import EngineConfig, LogprobConfig, TrainConfig
+from megatron_inpo.engine.config import LogprobConfig, MegatronConfig, TrainConfig
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.objectives import ObjectiveConfig
 from megatron_inpo.rollout.engine import RolloutConfig, SamplingConfig
@@ -215,17 +216,21 @@ class EvalConfig:
 class RunConfig:
     """One INPO run: T iterations of export -> rollout -> judge -> log-probs -> train -> checkpoint."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"engine": "trainer"}
+    """Fields renamed since 0.1: the old name is refused with a message naming the new one."""
+
     run_dir: str = "runs/inpo"
     """Output directory: manifest.json, config.yaml, iter_XX/ stage outputs, tensorboard/, results."""
     seed: int = 1234
     """Seed of training data order, Megatron RNG and (via rollout.sampling.seed) sampling."""
     iterations: int = 3
     """T, the number of INPO iterations (paper: 3)."""
-    engine: str = one_of("megatron", "megatron", "torch", AUTO)
-    """'megatron': Megatron-Core stages as subprocesses (convert, logprobs, train); 'torch': the in-process
-    transformers reference stages (CPU demo / fallback; driver/torch_stages.py); 'auto': megatron when
-    megatron-core, the engine and the converter are installed, else torch (the choice is recorded in the
-    manifest at the first start, so a resumed run never switches engines)."""
+    trainer: str = one_of("megatron", "megatron", "torch", AUTO)
+    """What trains and scores the policy: 'megatron': the Megatron-Core stages (convert, logprobs, train) in the
+    stage worker or as subprocesses; 'torch': the in-process transformers reference stages (CPU demo / fallback;
+    driver/torch_stages.py); 'auto': megatron when megatron-core, the engine and the converter are installed, else
+    torch (the choice is recorded in the manifest at the first start, so a resumed run never switches). Called
+    `engine` before 0.2 (refused with this name)."""
     prompts: list[str] = field(default_factory=list)
     """Prompt JSONL of each iteration (one per iteration, a fresh set each, as in the paper); empty with model
     source 'synthetic' = the task's generated prompt sets."""
@@ -238,7 +243,7 @@ class RunConfig:
     """The short SFT that makes pi_ref on the synthetic task (model.source 'synthetic'): optimizer and schedule."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How the Megatron stages are started (processes, nodes, rendezvous)."""
-    megatron: EngineConfig = field(default_factory=EngineConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
     """The Megatron-Core policy engine of every stage (parallelism, precision, layer spec, FP8); each stage's YAML
     holds this object as it is."""
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(model_path=AUTO))
@@ -271,8 +276,8 @@ class RunConfig:
             raise ConfigError(f"iterations: must be >= 1, got {self.iterations}")
         if not self.run_dir:
             raise ConfigError("run_dir: required")
-        if self.engine not in ("megatron", "torch", AUTO):
-            raise ConfigError(f"engine: must be 'megatron', 'torch' or 'auto', got {self.engine!r}")
+        if self.trainer not in ("megatron", "torch", AUTO):
+            raise ConfigError(f"trainer: must be 'megatron', 'torch' or 'auto', got {self.trainer!r}")
         if self.task.kind == "ifbench":
             if self.model.source == "synthetic":
                 raise ConfigError("task.kind: 'ifbench' needs a real model (model.source 'hf' or 'gguf'), not the "
@@ -316,5 +321,5 @@ class RunConfig:
                 schedule.check_data_parallel(dp)
             except ConfigError as e:
                 raise ConfigError(f"{name}.{e}") from None
-        if self.engine == "torch" and self.launch.world_size > 1:
-            raise ConfigError("engine: 'torch' runs in one process; set launch.nproc_per_node=1 or engine=megatron")
+        if self.trainer == "torch" and self.launch.world_size > 1:
+            raise ConfigError("trainer: 'torch' runs in one process; set launch.nproc_per_node=1 or trainer=megatron")

@@ -30,7 +30,7 @@ from megatron_inpo.driver.launcher import reap_orphan_stage
 from megatron_inpo.driver.manifest import Manifest
 from megatron_inpo.driver.results import (Checkpoint, EvalResult, HFExport, LogprobResult, NashReading, Pairs, Policy,
                                           R, Rollouts, TaskFiles, TrainResult)
-from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_engine
+from megatron_inpo.driver.stages import make_stages, missing_megatron_parts, resolve_trainer
 from megatron_inpo import events
 from megatron_inpo.files import atomic_write_json, exclusive
 from megatron_inpo.serving.pool import SGLangError, SGLangPool, resolve_api_key
@@ -70,11 +70,11 @@ def preflight(cfg: RunConfig) -> None:
     for jc in (cfg.judge, cfg.eval.judge):
         if jc is not None and jc.kind in ("programmatic", "verifiable"):
             make_judge(jc)  # imports the function (a typo fails here) or the verifier (a missing package does)
-    if cfg.engine == "megatron":
+    if cfg.trainer == "megatron":
         missing = missing_megatron_parts()
         if missing:
-            raise ConfigError(f"engine: 'megatron' needs {', '.join(missing)}: not found; install them or run with "
-                              "engine=torch (or auto)")
+            raise ConfigError(f"trainer: 'megatron' needs {', '.join(missing)}: not found; install them or run with "
+                              "trainer=torch (or auto)")
     _check_servers(cfg)
 
 
@@ -140,7 +140,7 @@ class Driver:
         self.progress = progress
         self.out = out
         self.manifest: Manifest | None = None
-        self.engine = ""
+        self.trainer = ""
         self.stages: Any = None
         self._tb = None
         self._judge = None
@@ -198,18 +198,18 @@ class Driver:
         orphan = reap_orphan_stage(self.run_dir)
         if orphan:
             self.out(f"killed the leftover processes of stage {orphan} of the interrupted run")
-        self.engine = self.manifest.data.get("engine") or resolve_engine(cfg.engine)
-        if cfg.engine == "auto" and "engine" not in self.manifest.data and self.engine == "torch":
-            self.out("engine auto: Megatron stages unavailable (" + ", ".join(missing_megatron_parts()) +
+        self.trainer = self.manifest.data.get("trainer") or resolve_trainer(cfg.trainer)
+        if cfg.trainer == "auto" and "trainer" not in self.manifest.data and self.trainer == "torch":
+            self.out("trainer auto: Megatron stages unavailable (" + ", ".join(missing_megatron_parts()) +
                      "); using the in-process torch reference stages")
-        self.manifest.set_engine(self.engine)
-        if self.engine == "megatron":
+        self.manifest.set_trainer(self.trainer)
+        if self.trainer == "megatron":
             how = {"persistent": "Megatron-Core, in one persistent stage worker",
                    "subprocess": "Megatron-Core subprocesses"}[cfg.launch.resolved_stage_runner()]
         else:
             how = "in-process transformers reference"
-        self.out(f"policy stages: {self.engine} ({how})")
-        self.stages = make_stages(self.engine, cfg, self.run_dir, self.progress, notify=self.out)
+        self.out(f"policy stages: {self.trainer} ({how})")
+        self.stages = make_stages(self.trainer, cfg, self.run_dir, self.progress, notify=self.out)
 
     def _report(self, t: int, rollouts: Rollouts, pairs: Pairs, trained: TrainResult,
                 evaluation: EvalResult | None) -> dict:

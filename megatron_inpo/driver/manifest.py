@@ -187,11 +187,11 @@ class Manifest:
                                     "attempts": self.attempts(key)}
         self._write()
 
-    def set_engine(self, engine: str) -> None:
-        """Record the engine of the run (auto is resolved once, at the first start)."""
-        if self.data.get("engine") not in (None, engine):
-            raise ConfigError(f"{self.path}: run started with engine {self.data['engine']!r}, not {engine!r}")
-        self.data["engine"] = engine
+    def set_trainer(self, trainer: str) -> None:
+        """Record the trainer of the run (auto is resolved once, at the first start)."""
+        if self.data.get("trainer") not in (None, trainer):
+            raise ConfigError(f"{self.path}: run started with trainer {self.data['trainer']!r}, not {trainer!r}")
+        self.data["trainer"] = trainer
         self._write()
 
     def stage_seconds(self) -> dict[str, float]:

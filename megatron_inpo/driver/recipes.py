@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from megatron_inpo.driver.config import AlgorithmConfig, EvalConfig, LaunchConfig, ModelConfig, RunConfig
-from megatron_inpo.engine.config import (EngineConfig, LogprobConfig, ModelConfig as EngineModelConfig,
+from megatron_inpo.engine.config import (LogprobConfig, MegatronConfig, MegatronModelConfig,
                                          ParallelConfig, TrainConfig)
 from megatron_inpo.judge.base import JudgeConfig
 from megatron_inpo.objectives import ObjectiveConfig
@@ -57,7 +57,7 @@ def tiny_cpu() -> RunConfig:
         run_dir="runs/tiny_cpu",
         seed=1234,
         iterations=3,
-        engine="auto",
+        trainer="auto",
         task=TaskConfig(prompts_per_iteration=256, eval_prompts=512, sft_examples=4096),
         model=ModelConfig(source="synthetic", export_dtype="float32"),
         # the whole SFT global batch in one micro-batch (tiny model: fewest passes)
@@ -66,7 +66,7 @@ def tiny_cpu() -> RunConfig:
         launch=LaunchConfig(nproc_per_node=1),
         # packing off: a 2-layer, 64-wide model's step is bound by per-op overhead, not by padded tokens (measured
         # with tools/bench_train.py --lengths on this recipe's shapes: packed 0.41x the speed of padded)
-        megatron=EngineConfig(model=EngineModelConfig(precision="fp32", layer_spec="local"), packing=False),
+        megatron=MegatronConfig(model=MegatronModelConfig(precision="fp32", layer_spec="local"), packing=False),
         # chat_template on, as everywhere: the task's word tokenizer has no template, so prompts are the raw words
         rollout=RolloutConfig(backend="local", model_path="auto", max_batch_sequences=512,
                               sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=16, seed=1)),
@@ -99,7 +99,7 @@ def game_cpu() -> RunConfig:
     cfg = tiny_cpu()
     cfg.run_dir = "runs/game_cpu"
     cfg.iterations = 6
-    cfg.engine = "megatron"
+    cfg.trainer = "megatron"
     cfg.task = TaskConfig(kind="game", responses=5, games=16, ref_skew=0.45, prompts_per_iteration=512,
                           eval_prompts=256, sft_examples=2048)
     cfg.sft = TrainConfig(lr=3e-3, warmup_ratio=0.03, epochs=2, global_batch_size=64, micro_batch_size=64,
@@ -139,11 +139,11 @@ def smollm2_cpu() -> RunConfig:
         run_dir="runs/smollm2_cpu",
         seed=1234,
         iterations=2,
-        engine="megatron",
+        trainer="megatron",
         task=TaskConfig(kind="ifbench", seed=0, prompts_per_iteration=32, eval_prompts=48),
         model=ModelConfig(source="gguf", export_dtype="float32"),
         launch=LaunchConfig(nproc_per_node=1),
-        megatron=EngineConfig(model=EngineModelConfig(precision="fp32", layer_spec="local")),
+        megatron=MegatronConfig(model=MegatronModelConfig(precision="fp32", layer_spec="local")),
         rollout=RolloutConfig(backend="local", model_path="auto", max_batch_sequences=128,
                               sampling=SamplingConfig(n=8, temperature=0.7, top_p=0.9, max_new_tokens=128, seed=1)),
         judge=JudgeConfig(kind="verifiable", verifier="ifbench_loose"),
@@ -166,12 +166,12 @@ def llama3_8b_h100() -> RunConfig:
     return RunConfig(
         run_dir="runs/llama3_8b_inpo",
         iterations=3,
-        engine="megatron",
+        trainer="megatron",
         prompts=[f"data/iterative-prompt-v1-iter{t}-20K.jsonl" for t in (1, 2, 3)],
         model=ModelConfig(source="hf", hf_path="models/LLaMA3-SFT", export_dtype="bfloat16"),
         launch=LaunchConfig(nproc_per_node=8),
-        megatron=EngineConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=True),
-                              model=EngineModelConfig(precision="bf16")),
+        megatron=MegatronConfig(parallel=ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=True),
+                              model=MegatronModelConfig(precision="bf16")),
         rollout=RolloutConfig(backend="sglang", model_path="auto", server_urls=["http://127.0.0.1:30000"],
                               concurrency=64, request_prompts=8,
                               sampling=SamplingConfig(n=8, temperature=1.0, max_new_tokens=2048, seed=1)),

@@ -229,17 +229,17 @@ def missing_megatron_parts() -> list[str]:
     return missing
 
 
-def resolve_engine(engine: str) -> str:
-    if engine != "auto":
-        return engine
+def resolve_trainer(trainer: str) -> str:
+    if trainer != "auto":
+        return trainer
     return "megatron" if not missing_megatron_parts() else "torch"
 
 
-def make_stages(engine: str, cfg: Any, run_dir: Path, show_progress: bool = False,
+def make_stages(trainer: str, cfg: Any, run_dir: Path, show_progress: bool = False,
                 notify: Callable[[str], None] | None = None) -> PolicyStages:
-    if engine == "torch":
+    if trainer == "torch":
         return TorchStages(cfg)
-    if engine == "megatron":
+    if trainer == "megatron":
         return MegatronStages(cfg, run_dir, show_progress, notify)
-    raise ConfigError(f"engine: unknown engine {engine!r}")
+    raise ConfigError(f"trainer: unknown trainer {trainer!r}")
 

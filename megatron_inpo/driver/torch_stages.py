@@ -1,6 +1,6 @@
 """Reference implementations of the policy stages in plain transformers / torch, in-process, on HF directories.
 
-Used for (1) the prototype that chose the tiny recipe's hyperparameters, (2) `engine: torch` runs (a CPU demo or a
+Used for (1) the prototype that chose the tiny recipe's hyperparameters, (2) `trainer: torch` runs (a CPU demo or a
 fallback when Megatron-Core is unavailable), and (3) cross-checking the Megatron stages. They follow the same
 contracts as the Megatron stages: the log-prob pass fills the four *_logp columns of the preference JSONL; training
 reads it, uses the objective registry of megatron_inpo.objectives, writes an HF directory atomically and resumes
@@ -45,16 +45,16 @@ def _batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int = 0):
     return tokens, attn, mask
 
 
-def token_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_token_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every next token [B, L-1] (float32) and the mask of the response-token predictions."""
     tokens, attn, mask = _batch(seqs)
     logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1), mask
 
 
-def sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+def hf_sequence_logps(model, seqs: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Sum of response-token log-probs of each (prompt_ids, response_ids) [B] (float32)."""
-    lp, mask = token_logps(model, seqs)
+    lp, mask = hf_token_logps(model, seqs)
     return (lp * mask).sum(-1)
 
 
@@ -72,7 +72,7 @@ def compute_logps(data: str | Path, output: str | Path, ref_dir: str | Path, las
         ch, rj = [], []
         for s in range(0, len(pairs), batch_pairs):
             chunk = pairs[s : s + batch_pairs]
-            lp = sequence_logps(model, [(p.prompt_ids, p.chosen_ids) for p in chunk]
+            lp = hf_sequence_logps(model, [(p.prompt_ids, p.chosen_ids) for p in chunk]
                                 + [(p.prompt_ids, p.rejected_ids) for p in chunk])
             ch += lp[: len(chunk)].tolist()
             rj += lp[len(chunk):].tolist()
@@ -176,7 +176,7 @@ def train_hf(init_dir: str | Path, out_dir: str | Path, n_items: int,
 
 def sft_loss_fn(items: list[tuple[list[int], list[int]]]):
     def fn(model, idx):
-        lp, mask = token_logps(model, [items[i] for i in idx])
+        lp, mask = hf_token_logps(model, [items[i] for i in idx])
         nll = -(lp * mask).sum() / mask.sum()
         return nll, {}
     return fn
@@ -191,7 +191,7 @@ def preference_loss_fn(pairs, objective):
 
     def fn(model, idx):
         ps = [pairs[i] for i in idx]
-        lp = sequence_logps(model, [(p.prompt_ids, p.chosen_ids) for p in ps]
+        lp = hf_sequence_logps(model, [(p.prompt_ids, p.chosen_ids) for p in ps]
                             + [(p.prompt_ids, p.rejected_ids) for p in ps]).double()
         B = len(ps)
         logps = PairLogps(policy_chosen=lp[:B], policy_rejected=lp[B:],

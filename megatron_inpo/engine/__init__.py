@@ -1,7 +1,7 @@
 """The Megatron-Core policy engine: one config tree, the model, its parallel runtime, the training and log-prob
 stages and their checkpoints.
 
-    config.py      EngineConfig (parallel, model), TrainConfig(OptimizerConfig), LogprobConfig, and the stage
+    config.py      MegatronConfig (parallel, model), TrainConfig(OptimizerConfig), LogprobConfig, and the stage
                    configs TrainStageConfig / LogprobStageConfig that `megatron-inpo train` / `logprobs` run
     train.py       train(TrainStageConfig): the step loop, checkpoints, exact resume
     logprobs.py    run_logprobs(LogprobStageConfig): the resumable forward-only pass

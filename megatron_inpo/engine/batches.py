@@ -9,7 +9,7 @@ A micro-batch of B pairs holds 2B sequences [chosen_0 .. chosen_{B-1}, rejected_
 rejected of a pair are always in the same micro-batch, which is what a pairwise loss inside Megatron's pipeline
 schedule (one loss call per micro-batch) needs.
 
-Packed micro-batches (`EngineConfig.packing`): the sequences of several pairs laid end to end in ONE row of at most
+Packed micro-batches (`MegatronConfig.packing`): the sequences of several pairs laid end to end in ONE row of at most
 `capacity` tokens (`make_packed_batch`), position ids restarting at 0 for each sequence, and `cu_seqlens` marking
 where each sequence starts (Megatron's THD layout: the model gets a PackedSeqParams, and attention stays inside
 each sequence, engine/model.py). The padding at the end of a row is a segment of its own; every sequence keeps its

@@ -1,13 +1,13 @@
 """The policy engine's one config tree: parallelism, model build, optimizer, training and log-prob stages.
 
-    EngineConfig (`megatron.` in a run and in every stage YAML)
+    MegatronConfig (`megatron.` in a run and in every stage YAML)
         parallel: ParallelConfig        TP / PP sizes (Megatron's names), sequence parallel, distributed optimizer
-        model:    ModelConfig           precision, layer spec, FP8, recomputation
+        model:    MegatronModelConfig           precision, layer spec, FP8, recomputation
         packing:  bool                  packed rows (THD) instead of padded micro-batches, in every stage
     TrainConfig(OptimizerConfig)        one training stage's schedule; inherits the optimizer fields
     LogprobConfig                       the forward-only log-prob pass
     TrainStageConfig / LogprobStageConfig   what one `megatron-inpo train` / `logprobs` process runs: paths, the
-                                            EngineConfig and the stage's config, composed whole
+                                            MegatronConfig and the stage's config, composed whole
 
 The driver's RunConfig embeds the same objects (`megatron`, `train`, `sft`, `logprobs`) and hands them to a stage
 as they are, so a field added here is settable from `run`, `train` and `logprobs` under the same dotted name and
@@ -16,7 +16,7 @@ that extends another inherits it rather than repeating its fields.
 
 Every field has a docstring (`--help` prints its first line) and `validate()` raises ConfigError naming the field
 (megatron_inpo.config.validate_all prefixes the dotted path). Checks that need the machine (CUDA, TE, the world
-size) run when the stage starts: `ModelConfig.validate(arch, tp)` and `TrainStageConfig.validate_runtime`.
+size) run when the stage starts: `MegatronModelConfig.validate(arch, tp)` and `TrainStageConfig.validate_runtime`.
 This module imports no torch or megatron at module level.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ParallelConfig:
 
 
 @dataclass
-class ModelConfig:
+class MegatronModelConfig:
     """How to build the Megatron model; the architecture itself comes from the HF config.json."""
 
     precision: str = AUTO
@@ -149,12 +149,12 @@ class ModelConfig:
             check_model_on_this_machine(self, arch, tp)
 
 @dataclass
-class EngineConfig:
+class MegatronConfig:
     """The Megatron-Core policy engine: how the model is split and built (shared by every Megatron stage)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline / data parallelism."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: MegatronModelConfig = field(default_factory=MegatronModelConfig)
     """Model build: precision, layer spec, FP8, recomputation."""
     packing: bool = True
     """Pack the sequences of several pairs (or SFT sequences) into rows instead of padding each micro-batch
@@ -327,7 +327,7 @@ class LogprobConfig:
     def validate(self) -> None:
         _positive_ints(self, ("micro_batch_size", "chunk_pairs", "pad_multiple"))
 
-    def forward_engine(self, engine: EngineConfig) -> EngineConfig:
+    def forward_engine(self, engine: MegatronConfig) -> MegatronConfig:
         """The engine config this pass builds its models with: FP8 dropped unless `fp8` is true."""
         if self.fp8 or not engine.model.fp8:
             return engine
@@ -340,7 +340,7 @@ def logprob_row_capacity(micro_batch_size: int, longest: int) -> int:
     return 2 * micro_batch_size * longest
 
 
-def batch_pad_multiple(pad_multiple: int, engine: EngineConfig) -> int:
+def batch_pad_multiple(pad_multiple: int, engine: MegatronConfig) -> int:
     """`pad_multiple`, raised for FP8: TE's FP8 GEMMs need each rank's token rows divisible by 16, and under
     sequence parallelism a sequence is split over the TP ranks. Padding is masked, so values do not change."""
     if not engine.model.fp8:
@@ -357,7 +357,7 @@ def batch_pad_multiple(pad_multiple: int, engine: EngineConfig) -> int:
 class StageConfig:
     """What every Megatron stage has: the engine, the seed and how progress is shown."""
 
-    megatron: EngineConfig = field(default_factory=EngineConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
     """The policy engine (parallelism, model build)."""
     seed: int = 1234
     """Seed of Megatron's RNG and of the data order."""

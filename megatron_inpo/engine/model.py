@@ -9,11 +9,11 @@ API (what the engine, converter and tests call; process groups must exist: `engi
         SwiGLU, RoPE (incl. Llama-3 "llama3" and "linear" rope scaling, computed exactly like transformers),
         GQA, tied or untied embeddings, vocab padded for TP. On CUDA it is moved to the current device.
         Built = (model, vocab_size, padded_vocab_size, layer_spec ("local" | "te"), arch: LlamaArch, config).
-    build_model(hf_config, config=ModelConfig(...), sequence_parallel=...)   the options as engine.config.ModelConfig.
+    build_model(hf_config, config=MegatronModelConfig(...), sequence_parallel=...)   the options: engine/config.py.
     LlamaArch.from_hf(hf_config)    validated dimensions (ConfigError names the config.json field).
     padded_vocab(vocab_size, tp, divisor=128)   Megatron's padding: multiple of divisor * tp.
 
-Packed micro-batches (engine/batches.py, EngineConfig.packing) reach the model as a PackedSeqParams with
+Packed micro-batches (engine/batches.py, MegatronConfig.packing) reach the model as a PackedSeqParams with
 qkv_format "thd" (`packed_seq_params`, checked by `check_packed_seq_params`), on either spec.
 Layer specs: "te" = Transformer Engine modules (GPU; fused norm+linear names `linear_qkv.layer_norm_weight`),
 "local" = Megatron-Core's local modules with OUR core attention on torch scaled_dot_product_attention
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.engine.config import FP8_RECIPES, ModelConfig
+from megatron_inpo.engine.config import FP8_RECIPES, MegatronModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -317,7 +317,7 @@ def sdpa_core_attention_class():
     return _SDPA_CLS
 
 
-def layer_spec_for(cfg: ModelConfig):
+def layer_spec_for(cfg: MegatronModelConfig):
     """(ModuleSpec, name) for the resolved layer spec."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -343,7 +343,7 @@ class Built:
     padded_vocab_size: int
     layer_spec: str
     arch: Optional[LlamaArch] = None
-    config: Optional[ModelConfig] = None
+    config: Optional[MegatronModelConfig] = None
 
 
 def can_compile() -> bool:
@@ -356,7 +356,7 @@ def can_compile() -> bool:
     return has_cc and os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
 
 
-def transformer_config(arch: LlamaArch, cfg: ModelConfig, sequence_parallel: bool = False):
+def transformer_config(arch: LlamaArch, cfg: MegatronModelConfig, sequence_parallel: bool = False):
     """Megatron TransformerConfig for `arch`; TP/PP sizes mirror parallel_state (else every stage builds all
     layers silently)."""
     from megatron.core import parallel_state as ps
@@ -393,13 +393,13 @@ def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None
                 post_process: Optional[bool] = None, precision: str = "fp32", layer_spec: str = "auto",
                 fp8: Optional[str] = None, fp8_recipe: str = "delayed", sequence_parallel: bool = False,
                 recompute_activations: bool = False, padded_vocab_size: Optional[int] = None,
-                attention: str = "sdpa", config: Optional[ModelConfig] = None) -> Built:
+                attention: str = "sdpa", config: Optional[MegatronModelConfig] = None) -> Built:
     """See the module docstring. `config` (engine.config.ModelConfig), when given, replaces the individual option
     arguments; its precision 'auto' resolves here (bf16 with CUDA, else fp32)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    cfg = config or ModelConfig(precision=precision, layer_spec=layer_spec, attention=attention, fp8=fp8 or "",
+    cfg = config or MegatronModelConfig(precision=precision, layer_spec=layer_spec, attention=attention, fp8=fp8 or "",
                                 fp8_recipe=fp8_recipe, recompute_activations=recompute_activations)
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=cfg.resolved_precision(torch.cuda.is_available()))

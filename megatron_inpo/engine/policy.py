@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_inpo.engine.config import EngineConfig
+from megatron_inpo.engine.config import MegatronConfig
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Runtime:
     dp_size: int
 
 
-def init_runtime(engine: EngineConfig, seed: int) -> Runtime:
+def init_runtime(engine: MegatronConfig, seed: int) -> Runtime:
     """torch.distributed (NCCL on GPU, gloo on CPU with the CPU mode of engine/cpu.py) + Megatron's groups."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -39,7 +39,7 @@ def init_runtime(engine: EngineConfig, seed: int) -> Runtime:
     return Runtime(device, cuda, dist.get_world_size(), dist.get_rank(), ps.get_data_parallel_world_size())
 
 
-def build_policy(hf_config: dict, engine: EngineConfig, runtime: Runtime, padded_vocab_size: int | None = None):
+def build_policy(hf_config: dict, engine: MegatronConfig, runtime: Runtime, padded_vocab_size: int | None = None):
     """The unwrapped model chunk of this rank (.model), true vocab size, padded vocab size, layer spec name.
 
     `padded_vocab_size` (from a checkpoint's metadata) keeps the checkpoint's padding, so it loads at any TP that
@@ -57,7 +57,7 @@ def build_policy(hf_config: dict, engine: EngineConfig, runtime: Runtime, padded
         config=model_cfg, sequence_parallel=engine.parallel.sequence_parallel, padded_vocab_size=padded_vocab_size)
 
 
-def wrap_ddp(model: torch.nn.Module, engine: EngineConfig, precision: str, per_item_loss: bool = True) -> list:
+def wrap_ddp(model: torch.nn.Module, engine: MegatronConfig, precision: str, per_item_loss: bool = True) -> list:
     """Megatron DDP (and Float16Module for bf16) around one model chunk; sets the schedule's hooks."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
@@ -78,7 +78,7 @@ def wrap_ddp(model: torch.nn.Module, engine: EngineConfig, precision: str, per_i
     return [ddp]
 
 
-def load_frozen_policy(path: str, engine: EngineConfig, runtime: Runtime):
+def load_frozen_policy(path: str, engine: MegatronConfig, runtime: Runtime):
     """The policy saved at `path`, built for this rank, loaded (weights only) and in eval mode, for a forward-only
     pass; bf16 models are wrapped in Float16Module as in training. Returns (model, Built)."""
     from megatron_inpo.engine import checkpoint as ckpt

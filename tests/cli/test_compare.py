@@ -14,7 +14,7 @@ TINY_GAME = ["--task.games=4", "--task.prompts_per_iteration=32", "--task.eval_p
 def test_compare_writes_table_json_and_png_and_replays(tmp_path, capsys):
     base = tmp_path / "cmp"
     argv = ["--recipe", "game_cpu", "--algorithms", "inpo,dpo", "--no-progress",
-            *tiny_overrides(base, engine="torch", iterations=2), *TINY_GAME]
+            *tiny_overrides(base, trainer="torch", iterations=2), *TINY_GAME]
     assert compare.main(argv) == 0
     out = capsys.readouterr().out
     for title in ("KL(pi* || pi_t)", "duality gap of pi_t", "win rate of pi_t vs pi_ref", "certificate"):
@@ -42,6 +42,6 @@ def test_compare_writes_table_json_and_png_and_replays(tmp_path, capsys):
 
 
 def test_compare_refuses_unknown_algorithm(tmp_path, capsys):
-    argv = ["--recipe", "game_cpu", "--algorithms", "inpo,nope", *tiny_overrides(tmp_path / "x", engine="torch")]
+    argv = ["--recipe", "game_cpu", "--algorithms", "inpo,nope", *tiny_overrides(tmp_path / "x", trainer="torch")]
     assert compare.main(argv) == 2
     assert "nope" in capsys.readouterr().err

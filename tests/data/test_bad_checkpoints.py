@@ -319,7 +319,8 @@ def _run_cases() -> list[Case]:
         Case(c, "tau-above-eta", args("--algorithm.objective.tau=1", "--algorithm.objective.eta=0.5"),
              "algorithm.objective.tau"),
         Case(c, "unknown-objective", args("--algorithm.objective.name=ppo"), "algorithm.objective.name"),
-        Case(c, "unknown-engine", args("--engine=jax"), "engine"),
+        Case(c, "unknown-trainer", args("--trainer=jax"), "trainer"),
+        Case(c, "renamed-field", args("--engine=torch"), "engine was renamed 'trainer'"),
         Case(c, "k-not-a-tournament", args("--rollout.sampling.n=7"), "7"),
         Case(c, "unknown-recipe", args("--recipe", "llama9"), "--recipe: unknown recipe 'llama9'"),
         Case(c, "override-malformed", args("--train.lr"), "train.lr"),
@@ -382,7 +383,7 @@ def _run_argv(case: Case, d: Path, tmp_path: Path, extra: list[str]) -> list[str
         if not p.exists():
             p.write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n")
     hf = case.name.startswith("hf-")
-    base = ["run", "--recipe", "tiny_cpu", f"--run_dir={tmp_path / 'run'}", "--engine=torch", "--iterations=1",
+    base = ["run", "--recipe", "tiny_cpu", f"--run_dir={tmp_path / 'run'}", "--trainer=torch", "--iterations=1",
             "--no-progress"]
     if hf:
         base += ["--model.source=hf", f"--model.hf_path={d}", f"--prompts=[\"{d / 'p0.jsonl'}\"]",

@@ -25,7 +25,7 @@ def test_dpo_iteration2_anchor_columns_are_log_pi_2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "dpo"
-    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, engine="torch", iterations=2),
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, trainer="torch", iterations=2),
                  "--algorithm.objective.name=dpo"])
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((run_dir / "manifest.json").read_text())
@@ -58,7 +58,7 @@ def test_dpo_iteration2_anchor_columns_are_log_pi_2(tmp_path):
 @pytest.mark.parametrize("winrate", ["uclaml", "others"])
 def test_sppo_run_judges_with_the_configured_winrate(tmp_path, winrate):
     run_dir = tmp_path / winrate
-    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, engine="torch", iterations=1),
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, trainer="torch", iterations=1),
                  "--algorithm.objective.name=sppo", f"--algorithm.sppo_winrate={winrate}", "--eval.enabled=false"])
     assert r.returncode == 0, r.stderr[-3000:]
     pairs = [json.loads(line) for line in open(run_dir / "iter_01" / "pairs.jsonl") if line.strip()]

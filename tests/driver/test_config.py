@@ -25,7 +25,7 @@ def test_large_recipes_use_the_papers_hyperparameters(name):
     assert (c.train.lr, c.train.lr_decay_style, c.train.warmup_ratio, c.train.global_batch_size) == \
         (5e-7, "cosine", 0.03, 128)
     assert c.rollout.sampling.temperature == 1.0 and c.judge.kind in ("pairwise", "reward")
-    assert c.engine == "megatron" and c.rollout.backend == "sglang"
+    assert c.trainer == "megatron" and c.rollout.backend == "sglang"
 
 
 def test_70b_layout():
@@ -44,7 +44,7 @@ def test_70b_layout():
     ("algorithm.objective.name=ppo", "objective.name"),
     ("rollout.sampling.n=6", "rollout.sampling.n"),               # tournament needs a power of two
     ("iterations=0", "iterations"),
-    ("engine=jax", "engine"),
+    ("trainer=jax", "trainer"),
     ("megatron.parallel.tensor_model_parallel_size=3", "megatron.parallel"),   # TP x PP does not divide the world
     ("launch.nnodes=2", "launch.launcher"),                                   # several nodes need a rendezvous
     ("eval.sampling.seed=null", "eval.sampling.seed"),

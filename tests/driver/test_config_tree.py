@@ -60,16 +60,16 @@ def test_run_and_stage_configs_share_the_engine_objects():
     """No copies: the run's `train`, `sft` and `logprobs` are the engine's own classes (the stage YAML of the
     engine commands reads them under the same dotted names)."""
     from megatron_inpo.driver.config import RunConfig
-    from megatron_inpo.engine.config import EngineConfig, LogprobStageConfig, TrainStageConfig
+    from megatron_inpo.engine.config import LogprobStageConfig, MegatronConfig, TrainStageConfig
 
     hints = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     for name, cls in (("train", TrainConfig), ("sft", TrainConfig), ("logprobs", LogprobConfig),
-                      ("megatron", EngineConfig)):
+                      ("megatron", MegatronConfig)):
         assert getattr(RunConfig(), name).__class__ is cls, name
     stage_fields = {f.name for f in dataclasses.fields(TrainStageConfig)}
     assert {"megatron", "train"} <= stage_fields and {"megatron", "logprobs"} <= {
         f.name for f in dataclasses.fields(LogprobStageConfig)}
-    assert hints["megatron"] in (EngineConfig, "EngineConfig")
+    assert hints["megatron"] in (MegatronConfig, "MegatronConfig")
 
 
 def test_dotted_names_in_errors(tmp_path):

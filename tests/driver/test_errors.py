@@ -68,8 +68,8 @@ def test_bad_judge_function_and_missing_megatron_parts(tmp_path, monkeypatch):
     import megatron_inpo.driver.loop as loop
 
     monkeypatch.setattr(loop, "missing_megatron_parts", lambda: ["the HF <-> Megatron converter (x)"])
-    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r", engine="megatron"))
-    with pytest.raises(ConfigError, match="engine: 'megatron' needs the HF <-> Megatron converter"):
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "r", trainer="megatron"))
+    with pytest.raises(ConfigError, match="trainer: 'megatron' needs the HF <-> Megatron converter"):
         preflight(cfg)
 
 

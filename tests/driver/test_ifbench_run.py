@@ -29,7 +29,7 @@ def test_recipe_print_config_names_the_real_parts(capsys):
     assert cfg["model"]["source"] == "gguf" and cfg["model"]["gguf_path"] == ""
     assert cfg["task"]["kind"] == "ifbench" and cfg["prompts"] == [] and cfg["eval"]["prompts"] == "auto"
     assert cfg["judge"]["kind"] == "verifiable" and cfg["judge"]["verifier"] == "ifbench_loose"
-    assert cfg["engine"] == "megatron" and cfg["iterations"] >= 2
+    assert cfg["trainer"] == "megatron" and cfg["iterations"] >= 2
     assert cfg["rollout"]["chat_template"] is True and cfg["eval"]["sampling"]["temperature"] == 0.0
     # every pair must fit training: the longest kept prompt leaves room for a whole response
     assert cfg["train"]["max_seq_len"] > cfg["rollout"]["sampling"]["max_new_tokens"]

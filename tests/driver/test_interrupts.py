@@ -68,7 +68,7 @@ def test_signals_exit_130_and_143_even_when_inherited_ignored(sig, rc, word, tmp
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted")
-    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run, engine="megatron",
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run, trainer="megatron",
                                                                                   iterations=1)], timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return json.loads((run / "results.json").read_text())
@@ -101,9 +101,9 @@ def test_run_interrupted_in_every_stage_kind_stops_and_resumes_bit_identically(r
     from megatron_inpo.driver.stages import missing_megatron_parts
 
     if missing_megatron_parts():
-        pytest.skip("engine=megatron needs: " + ", ".join(missing_megatron_parts()))
+        pytest.skip("trainer=megatron needs: " + ", ".join(missing_megatron_parts()))
     args = ["run", "--recipe", "tiny_cpu", "--no-progress", f"--launch.stage_runner={runner}",
-            *tiny_overrides(tmp_path / "run", engine="megatron", iterations=1)]
+            *tiny_overrides(tmp_path / "run", trainer="megatron", iterations=1)]
     other = {signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGINT}
     hit: list[str] = []
     sig = first
@@ -143,9 +143,9 @@ def test_sigterm_reaches_torchrun_ranks_of_a_stage_and_the_rerun_completes(tmp_p
     from megatron_inpo.driver.stages import missing_megatron_parts
 
     if missing_megatron_parts():
-        pytest.skip("engine=megatron needs: " + ", ".join(missing_megatron_parts()))
+        pytest.skip("trainer=megatron needs: " + ", ".join(missing_megatron_parts()))
     args = ["run", "--recipe", "tiny_cpu", "--no-progress", "--launch.stage_runner=subprocess",
-            "--launch.nproc_per_node=2", *tiny_overrides(tmp_path / "run", engine="megatron", iterations=1),
+            "--launch.nproc_per_node=2", *tiny_overrides(tmp_path / "run", trainer="megatron", iterations=1),
             "--sft.micro_batch_size=16", "--train.micro_batch_size=4"]  # global batches split over two ranks
     proc = _start([PY, "-m", "megatron_inpo", *args], tmp_path / "err")
     _wait_for(proc, "] iter1/train ...")

@@ -1,5 +1,5 @@
 """The driver's Megatron stages (subprocesses of the engine) against the in-process torch reference stages, and a
-whole run with engine=megatron (needs the converter)."""
+whole run with trainer=megatron (needs the converter)."""
 import json
 
 import pytest
@@ -22,7 +22,7 @@ def torch_run(tmp_path_factory):
 
 
 NEEDS = pytest.mark.skipif(bool(missing_megatron_parts()),
-                           reason="engine=megatron needs: " + ", ".join(missing_megatron_parts()))
+                           reason="trainer=megatron needs: " + ", ".join(missing_megatron_parts()))
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ NEEDS = pytest.mark.skipif(bool(missing_megatron_parts()),
 def test_megatron_logprob_and_train_stages_match_torch_reference(torch_run, tmp_path):
     """The same SFT weights and pairs through the driver's Megatron stages (convert, logprobs, train subprocesses)
     and through the torch reference stages."""
-    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", engine="megatron", iterations=1))
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", trainer="megatron", iterations=1))
     st = MegatronStages(cfg, tmp_path / "m")
     try:
         _logprob_and_train_stages_match(st, torch_run, tmp_path)
@@ -62,7 +62,7 @@ def _logprob_and_train_stages_match(st, torch_run, tmp_path):
 @NEEDS
 @pytest.mark.parametrize("runner", ["auto", "subprocess"])
 def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path, runner):
-    """engine=megatron, one iteration: SIGKILL the driver while the SFT, log-prob and training stages run (after
+    """trainer=megatron, one iteration: SIGKILL the driver while the SFT, log-prob and training stages run (after
     their first step checkpoint / chunk) and after the eval; the stage subprocesses or the stage worker (auto on
     CPU: persistent) die with the driver (parent-death signal), the resumed run continues from the engine's
     checkpoints, and the final policy equals an uninterrupted run's bit for bit."""
@@ -73,11 +73,11 @@ def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path, runn
     from tests.helpers.driver import tensors
 
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(a, engine="megatron", iterations=1),
+    r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(a, trainer="megatron", iterations=1),
                  f"--launch.stage_runner={runner}"], timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     points = ["sft@checkpoint", "iter1/logprobs@running", "iter1/train@checkpoint", "iter1/eval@end"]
-    args = ["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(b, engine="megatron", iterations=1),
+    args = ["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(b, trainer="megatron", iterations=1),
             f"--launch.stage_runner={runner}"]
     kills = 0
     for _ in range(len(points) + 2):
@@ -89,7 +89,7 @@ def test_megatron_run_killed_in_stages_resumes_to_the_same_policy(tmp_path, runn
     assert kills == len(points)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     man = json.loads((b / "manifest.json").read_text())
-    assert man["engine"] == "megatron" and man["stages"]["iter1/train"]["attempts"] == 2
+    assert man["trainer"] == "megatron" and man["stages"]["iter1/train"]["attempts"] == 2
     assert (b / "policies" / "pi_2" / "megatron_inpo.json").exists()
     ta, tb = tensors(ra["final_hf"]), tensors(rb["final_hf"])
     assert ta.keys() == tb.keys()
@@ -106,7 +106,7 @@ def test_torch_stages_export_is_a_recorded_copy(tmp_path):
     from megatron_inpo.engine.trust import verify_export
     from tests.helpers.engine import tiny_hf_model
 
-    st = TorchStages(resolve_config("tiny_cpu", None, ["engine=torch"]))
+    st = TorchStages(resolve_config("tiny_cpu", None, ["trainer=torch"]))
     tiny_hf_model().save_pretrained(tmp_path / "policy")
     out = st.export_hf(tmp_path / "policy", tmp_path / "hf" / "pi_2", "float32")
     assert out == tmp_path / "hf" / "pi_2" and verify_export(out) is True

@@ -3,7 +3,7 @@ killed at any moment of a release or resume, then rerun, never sends a resume to
 nor a second release (either kills a real SGLang server; the stateful fake dies the same way and records it).
 
 The fast tests drive Driver.server_memory in-process, "killing" it with an exception at each event of a memory call
-(megatron_inpo/events.py); the slow test SIGKILLs the real driver (engine=torch, rollout on the fake server) at every transition and reruns it."""
+(megatron_inpo/events.py); the slow test SIGKILLs the real driver (trainer=torch, rollout on the fake server) at every transition and reruns it."""
 import json
 import signal
 

@@ -1,6 +1,6 @@
 """SIGKILL in every stage, resume with the same command: the result equals an uninterrupted run bit for bit.
 
-The run is the tiny_cpu recipe shrunk to seconds (tests/helpers/driver.py), engine=torch (the in-process reference
+The run is the tiny_cpu recipe shrunk to seconds (tests/helpers/driver.py), trainer=torch (the in-process reference
 stages). Faults are injected with MEGATRON_INPO_FAULT: the driver SIGKILLs itself at the named point (mid-stage:
 after a rollout / judge batch was appended, after an optimizer step; or at '@end', when a stage's outputs are
 complete but not yet recorded in the manifest, the most dangerous moment).

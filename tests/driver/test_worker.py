@@ -13,11 +13,11 @@ from tests.helpers.driver import PORTS, run_cli, stage_processes_left, tensors, 
 
 pytestmark = [pytest.mark.megatron,
               pytest.mark.skipif(bool(missing_megatron_parts()),
-                                 reason="engine=megatron needs: " + ", ".join(missing_megatron_parts()))]
+                                 reason="trainer=megatron needs: " + ", ".join(missing_megatron_parts()))]
 
 
 def _run(run_dir, runner, env=None):
-    return run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, engine="megatron"),
+    return run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(run_dir, trainer="megatron"),
                     f"--launch.stage_runner={runner}"], env=env, timeout=900)
 
 
@@ -99,7 +99,7 @@ def test_failed_stage_takes_the_worker_down_and_the_next_stage_starts_a_new_one(
     from megatron_inpo.engine.config import TrainStageConfig
     from tests.helpers.engine import tiny_hf_model
 
-    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", engine="megatron", iterations=1) +
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path / "m", trainer="megatron", iterations=1) +
                          ["--launch.stage_runner=persistent"])
     lines = []
     st = MegatronStages(cfg, tmp_path / "m", notify=lines.append)
@@ -134,7 +134,7 @@ def test_leftover_worker_is_reaped(tmp_path):
     from megatron_inpo.cli.run import resolve_config
     from megatron_inpo.driver.launcher import WORKER_FILE, StageLauncher, reap_orphan_stage
 
-    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path, engine="megatron", iterations=1))
+    cfg = resolve_config("tiny_cpu", None, tiny_overrides(tmp_path, trainer="megatron", iterations=1))
     launcher = StageLauncher(cfg.launch, tmp_path)
     launcher._start_worker()
     proc = launcher.worker.proc

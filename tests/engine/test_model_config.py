@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.engine.config import ModelConfig
+from megatron_inpo.engine.config import MegatronModelConfig
 from megatron_inpo.engine.machine import te_available
 from megatron_inpo.engine.model import LlamaArch, padded_vocab
 from tests.helpers.model import tiny_config
@@ -31,16 +31,16 @@ def test_padded_vocab():
 def test_gpu_only_options_fail_clearly_on_cpu():
     assert not te_available()
     arch = LlamaArch.from_hf(tiny_config())
-    ModelConfig().validate(arch)
-    assert ModelConfig().resolved_layer_spec() == "local"
+    MegatronModelConfig().validate(arch)
+    assert MegatronModelConfig().resolved_layer_spec() == "local"
     with pytest.raises(ConfigError, match="layer_spec='te' needs CUDA"):
-        ModelConfig(layer_spec="te").validate(arch)
+        MegatronModelConfig(layer_spec="te").validate(arch)
     with pytest.raises(ConfigError, match="fp8 needs Transformer Engine"):
-        ModelConfig(fp8="hybrid", precision="bf16").validate(arch)
+        MegatronModelConfig(fp8="hybrid", precision="bf16").validate(arch)
     for field, value, match in (("fp8", "e5m2", "fp8="), ("fp8_recipe", "mxfp9", "fp8_recipe="),
                                 ("precision", "fp64", "precision="), ("attention", "flash", "attention=")):
         with pytest.raises(ConfigError, match=match):
-            ModelConfig(**{field: value, **({"fp8": "hybrid"} if field == "fp8_recipe" else {})}).validate(arch)
+            MegatronModelConfig(**{field: value, **({"fp8": "hybrid"} if field == "fp8_recipe" else {})}).validate(arch)
 
 
 def test_fp8_divisibility_checked(monkeypatch):
@@ -50,16 +50,16 @@ def test_fp8_divisibility_checked(monkeypatch):
     monkeypatch.setattr(M, "_te_checked", True)
     arch = LlamaArch.from_hf(tiny_config("gqa_untied_rope", intermediate_size=104))
     with pytest.raises(ConfigError, match="intermediate_size=104 divisible by 16"):
-        ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(arch)
+        MegatronModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(arch)
     with pytest.raises(ConfigError, match="precision 'bf16'"):
-        ModelConfig(fp8="hybrid", precision="fp32", layer_spec="te").validate(arch)
+        MegatronModelConfig(fp8="hybrid", precision="fp32", layer_spec="te").validate(arch)
     ok = LlamaArch.from_hf(tiny_config(num_attention_heads=4))
-    ModelConfig(fp8="hybrid", fp8_recipe="current", precision="bf16", layer_spec="te").validate(ok)
+    MegatronModelConfig(fp8="hybrid", fp8_recipe="current", precision="bf16", layer_spec="te").validate(ok)
     # per tensor-parallel rank: an FFN of 96 splits into 3 x 32 (fine) but 4 x 24 (not a multiple of 16)
     ffn96 = LlamaArch.from_hf(tiny_config(num_attention_heads=4, intermediate_size=96))
-    ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=2)
+    MegatronModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=2)
     with pytest.raises(ConfigError, match="intermediate_size / TP = 96 / 4 divisible by 16"):
-        ModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=4)
+        MegatronModelConfig(fp8="hybrid", precision="bf16", layer_spec="te").validate(ffn96, tp=4)
 
 
 def test_hf_config_errors():
@@ -83,9 +83,9 @@ def test_hf_config_errors():
 def test_logprob_pass_drops_fp8_unless_asked():
     """The log-prob stage builds its models without FP8 by default (LogprobConfig.fp8's docstring says why), keeps
     every other engine field, and pads to FP8's multiple of 16 only when it does run FP8."""
-    from megatron_inpo.engine.config import EngineConfig, LogprobConfig, batch_pad_multiple
+    from megatron_inpo.engine.config import LogprobConfig, MegatronConfig, batch_pad_multiple
 
-    engine = EngineConfig()
+    engine = MegatronConfig()
     engine.model.fp8, engine.model.precision = "hybrid", "bf16"
     plain = LogprobConfig().forward_engine(engine)
     assert plain.model.fp8 == "" and plain.model.precision == "bf16" and plain.parallel == engine.parallel

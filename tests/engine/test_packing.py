@@ -1,4 +1,4 @@
-"""Packed pairs (engine/batches.py, engine/model.py, EngineConfig.packing): the row layout, first-fit decreasing,
+"""Packed pairs (engine/batches.py, engine/model.py, MegatronConfig.packing): the row layout, first-fit decreasing,
 the data-parallel deal, length-grouped steps, the PackedSeqParams checks, config validation; then on CPU / gloo:
 packed == padded log-probs, INPO loss and gradients at TP=1 (DP=2), TP=2 and PP=2 (tests/engine/packing_worker.py),
 the SFT loss packed == padded, and a SIGKILL + resume with packing == the uninterrupted run."""
@@ -13,7 +13,7 @@ from megatron_inpo.config import ConfigError, validate_all
 from megatron_inpo.data.preferences import PreferencePair
 from megatron_inpo.engine.batches import (SFTItem, deal_to_ranks, length_grouped, make_packed_batch, make_pair_batch,
                                           pack_rows, packed_size, pair_sequences, plan_step, step_items)
-from megatron_inpo.engine.config import EngineConfig, ModelConfig, TrainConfig, TrainStageConfig
+from megatron_inpo.engine.config import MegatronConfig, MegatronModelConfig, TrainConfig, TrainStageConfig
 
 from tests.helpers.engine import (PORTS, PY, REPO, convert_to_mcore, kill_training_at, make_pairs, tiny_hf_model,
                                   torchrun, write_pairs, write_sft_data)
@@ -117,15 +117,15 @@ def test_packing_config_validation():
     cfg = TrainStageConfig(data="d", init_checkpoint="c", output_dir="o")
     assert cfg.megatron.packing is True
     validate_all(cfg)
-    for engine, where in ((EngineConfig(packing="yes"), "megatron.packing"),
-                          (EngineConfig(model=ModelConfig(layer_spec="local", attention="unfused")),
+    for engine, where in ((MegatronConfig(packing="yes"), "megatron.packing"),
+                          (MegatronConfig(model=MegatronModelConfig(layer_spec="local", attention="unfused")),
                            "megatron.packing")):
         with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
             validate_all(TrainStageConfig(data="d", init_checkpoint="c", output_dir="o", megatron=engine))
     validate_all(TrainStageConfig(data="d", init_checkpoint="c", output_dir="o",
-                                  megatron=EngineConfig(packing=False, model=ModelConfig(attention="unfused"))))
+                                  megatron=MegatronConfig(packing=False, model=MegatronModelConfig(attention="unfused"))))
     with pytest.raises(ConfigError, match=r"megatron\.packing"):  # 'auto' resolves to local on this machine
-        EngineConfig(model=ModelConfig(attention="unfused")).validate_runtime(1, cuda=False)
+        MegatronConfig(model=MegatronModelConfig(attention="unfused")).validate_runtime(1, cuda=False)
     with pytest.raises(ConfigError, match=r"train\.length_buckets"):
         validate_all(TrainStageConfig(data="d", init_checkpoint="c", output_dir="o",
                                       train=TrainConfig(length_buckets=-1)))

@@ -9,8 +9,8 @@ from megatron_inpo.data.preferences import DataError, PreferencePair
 from megatron_inpo.config import validate_all
 from megatron_inpo.engine.batches import (make_pair_batch, make_sequence_batch, plan_micro_batches,
                                           split_micro_batches, step_items)
-from megatron_inpo.engine.config import (EngineConfig, LogprobStageConfig, ModelConfig, ParallelConfig, TrainConfig,
-                                         TrainStageConfig, batch_pad_multiple)
+from megatron_inpo.engine.config import (LogprobStageConfig, MegatronConfig, MegatronModelConfig, ParallelConfig,
+                                         TrainConfig, TrainStageConfig, batch_pad_multiple)
 from megatron_inpo.engine.metrics import FlopDims, MetricsLog, batch_flops, flops_per_token, throughput
 
 pytestmark = pytest.mark.megatron
@@ -107,8 +107,8 @@ def _stage(**kw) -> TrainStageConfig:
     return TrainStageConfig(data="d", init_checkpoint="c", output_dir="o", **kw)
 
 
-def _engine(parallel: dict | None = None, **model) -> EngineConfig:
-    return EngineConfig(parallel=ParallelConfig(**(parallel or {})), model=ModelConfig(**model))
+def _engine(parallel: dict | None = None, **model) -> MegatronConfig:
+    return MegatronConfig(parallel=ParallelConfig(**(parallel or {})), model=MegatronModelConfig(**model))
 
 
 def test_train_config_validation():
@@ -137,7 +137,7 @@ def test_train_config_validation():
     validate_all(gpu)
     assert gpu.validate_runtime(8, cuda=True) == 8
     # FP8 GEMMs need 16-row multiples per rank: the padding follows (8 -> 16; x TP under sequence parallelism)
-    assert batch_pad_multiple(8, gpu.megatron) == 16 and batch_pad_multiple(8, EngineConfig()) == 8
+    assert batch_pad_multiple(8, gpu.megatron) == 16 and batch_pad_multiple(8, MegatronConfig()) == 8
     sp = _engine(dict(tensor_model_parallel_size=4, sequence_parallel=True), fp8="hybrid", layer_spec="te",
                  precision="bf16")
     assert batch_pad_multiple(8, sp) == 64

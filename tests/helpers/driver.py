@@ -13,9 +13,9 @@ _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 PORTS = iter(range(29700 + 1000 * _WORKER, 29800 + 1000 * _WORKER))
 
 
-def tiny_overrides(run_dir: str | Path, engine: str = "torch", iterations: int = 2) -> list[str]:
+def tiny_overrides(run_dir: str | Path, trainer: str = "torch", iterations: int = 2) -> list[str]:
     """tiny_cpu shrunk to seconds: 32 prompts per iteration in 2 rollout batches, 8-pair steps, 32 eval prompts."""
-    return [f"--run_dir={run_dir}", f"--engine={engine}", f"--iterations={iterations}",
+    return [f"--run_dir={run_dir}", f"--trainer={trainer}", f"--iterations={iterations}",
             "--task.prompts_per_iteration=32", "--task.eval_prompts=32", "--task.sft_examples=256",
             "--sft.epochs=1", "--sft.global_batch_size=32", "--sft.micro_batch_size=32", "--rollout_batch_size=16",
             "--train.global_batch_size=8", "--train.micro_batch_size=8", "--train.epochs=1", "--train.save_interval=1",

@@ -58,11 +58,11 @@ def objective():
 
 
 def engine(tp: int = 1, pp: int = 1, precision: str = "fp32", use_distributed_optimizer: bool = False):
-    from megatron_inpo.engine.config import EngineConfig, ModelConfig, ParallelConfig
+    from megatron_inpo.engine.config import MegatronConfig, MegatronModelConfig, ParallelConfig
 
-    return EngineConfig(parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    return MegatronConfig(parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                                 use_distributed_optimizer=use_distributed_optimizer),
-                        model=ModelConfig(precision=precision, layer_spec="local"))
+                        model=MegatronModelConfig(precision=precision, layer_spec="local"))
 
 
 def optimizer_config():

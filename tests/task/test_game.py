@@ -95,7 +95,7 @@ def test_game_cpu_recipe():
 
     cfg = get_recipe("game_cpu")
     validate_all(cfg)
-    assert cfg.iterations >= 6 and cfg.engine == "megatron" and cfg.task.kind == "game"
+    assert cfg.iterations >= 6 and cfg.trainer == "megatron" and cfg.task.kind == "game"
     assert cfg.rollout.sampling.max_new_tokens == 1 and cfg.eval.sampling.max_new_tokens == 1
     assert cfg.judge.function == "megatron_inpo.task.game:prob_a_beats_b"
     assert 0 < cfg.algorithm.objective.tau < cfg.algorithm.objective.eta
