@@ -269,17 +269,11 @@ def save_to(
         tmp.mkdir()
     dist.barrier()
 
-    model_sd = _model_sharded(model_chunks)
-    sd: dict[str, Any] = {"model": model_sd}
-    if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, metadata=_optimizer_metadata(_optimizer_format(optimizer)))
-    if scheduler is not None:
-        sd["scheduler"] = scheduler.state_dict()
-    if data_state is not None:
-        sd["data"] = dict(data_state)
-    if save_rng:
-        sd["rng"] = _rng_sharded(_rng_state())
+    model = _Model(model_chunks)
+    parts = [model, *([_Optimizer(optimizer, model)] if optimizer is not None else []),
+             *([_Scheduler(scheduler)] if scheduler is not None else []),
+             *([_Data(data_state)] if data_state is not None else []), *([_Rng()] if save_rng else [])]
+    sd = {p.key: p.saved() for p in parts}
     try:
         dist_checkpointing.save(sd, str(tmp))
     except Exception as e:  # name the directory (a full disk, a read-only directory, ...)
@@ -397,103 +391,198 @@ def load_checkpoint(
     no-code-on-load checks of engine/trust.py always run.
     Returns {"meta": megatron_inpo.json, "data": data state or None, "rng_loaded": bool}.
     """
-    from megatron_inpo.engine import optimizer as optimizer_repairs
+    from megatron.core import parallel_state as ps
+
+    from megatron_inpo.engine import compat
 
     path = Path(path)
     meta = read_meta(path)
     digests_verified = _checked_on_rank0(path, meta, verify_digests)
-    weights_only_optimizer = None
-    if optimizer is not None and not optimizer_state:
-        weights_only_optimizer, optimizer = optimizer, None
-    request, want_rng = _load_request(path, meta, model_chunks, optimizer, load_rng)
-    loaded, missing = _load_sharded(path, request, model_chunks, digests_verified)
-    if strict and missing:
-        raise CheckpointError(f"{path}: checkpoint lacks model weights {missing[:8]}")
-    if optimizer is not None:
-        import torch
-
-        # Megatron's optimizer state holds the fp32 master weights (fp32_param / the distributed optimizer's
-        # shards), so a resume restores them bit for bit; no refresh from the (bf16) model weights here, which
-        # would round them (tests/engine/test_parallel.py checks both optimizers).
-        with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
-            optimizer.load_state_dict(loaded["optimizer"])
-        optimizer_repairs.restore_adam_steps(optimizer)
-    if weights_only_optimizer is not None:
-        optimizer_repairs.sync_master_weights(weights_only_optimizer)
-    data = _restore_common(path, meta, scheduler)
-    if want_rng:
-        _set_rng_state(loaded["rng"])
-    return {"meta": meta, "data": data, "rng_loaded": want_rng}
-
-
-def _load_request(path: Path, meta: dict, model_chunks: list, optimizer: Any, load_rng: bool) -> tuple[dict, bool]:
-    """The sharded state to load: the model, the optimizer's (its saved layout checked), the RNG states when the
-    layout is the saved one. Returns it and whether the RNG is in it."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_inpo.engine import optimizer as optimizer_repairs
-
-    request: dict[str, Any] = {"model": _model_sharded(model_chunks)}
     same_layout = (meta["tp"], meta["pp"]) == (
         ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-    if optimizer is not None:
+    model = _Model(model_chunks, path if strict else None)
+    parts: list[_Part] = [model]
+    if optimizer is not None and optimizer_state:
         if not meta.get("has_optimizer"):
             raise CheckpointError(f"{path}: has no optimizer state (a converter output?); cannot resume from it")
-        saved_format = _check_optimizer_layout(path, meta, optimizer, same_layout)
-        optimizer_repairs.prepare_adam_state_for_load(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(
-            _model_sharded(model_chunks), is_loading=True, metadata=_optimizer_metadata(saved_format))
-    want_rng = load_rng and same_layout and meta.get("has_rng", False)
+        parts.append(_Optimizer(optimizer, model, _check_optimizer_layout(path, meta, optimizer, same_layout)))
+    elif optimizer is not None:  # an init checkpoint: the master weights follow the weights just loaded
+        parts.append(_MasterWeights(optimizer))
+    parts += [_Scheduler(scheduler)] if scheduler is not None else []
+    data = _Data(None)
+    parts += [data] if meta.get("has_optimizer") else []
+    want_rng = bool(load_rng and same_layout and meta.get("has_rng", False))
     if want_rng:
-        request["rng"] = _rng_sharded(None)
+        parts.append(_Rng())
     elif load_rng and meta.get("has_rng"):
         log.warning("%s: saved at TP=%s PP=%s; RNG states are per-rank and are not restored in a new layout",
                     path, meta["tp"], meta["pp"])
-    return request, bool(want_rng)
+    request = {p.key: p.requested() for p in parts if p.sharded}
+    with _te_extra_state_pickle(allowed=digests_verified):  # TE (>= 2.18) unpickles in the model's restore
+        loaded = _load_sharded(path, request)
+        common = compat.load_common_state(path) if any(not p.sharded and p.key for p in parts) else {}
+        for p in parts:
+            p.restore(loaded.get(p.key) if p.sharded else common.get(p.key))
+    return {"meta": meta, "data": data.state, "rng_loaded": want_rng}
 
 
-def _load_sharded(path: Path, request: dict, model_chunks: list, digests_verified: bool) -> tuple[dict, list[str]]:
-    """dist_checkpointing's load of `request`, errors named by the directory; the model's weights set. Returns what
-    was loaded and the model weights the checkpoint lacked."""
+def _load_sharded(path: Path, request: dict) -> dict:
+    """dist_checkpointing's load of `request`, its errors named by the directory."""
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_inpo.engine import compat
 
-    with _te_extra_state_pickle(allowed=digests_verified):
-        try:
-            # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
-            # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
-            # which a converter output or a checkpoint written without TE does not hold. Anything else is an error.
-            loaded, _, unexpected = compat.load(request, path, strict=StrictHandling.RETURN_UNEXPECTED)
-        except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
-            raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
-        except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
-            # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
-            from megatron_inpo.errors import checkpoint_exception_summary, is_checkpoint_exception
+    try:
+        # Keys asked for but absent from the checkpoint come back instead of failing the load: Transformer
+        # Engine's modules carry `_extra_state` (FP8 metadata; with TE installed even the final norm is TE's),
+        # which a converter output or a checkpoint written without TE does not hold. Anything else is an error.
+        loaded, _, unexpected = compat.load(request, path, strict=StrictHandling.RETURN_UNEXPECTED)
+    except Exception as e:  # name the directory; dist_checkpointing's messages do not always do it
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    except BaseException as e:  # torch's CheckpointException (a missing or truncated shard, wrong shapes) is a
+        # BaseException, which `except Exception` misses; Ctrl-C and SystemExit pass
+        from megatron_inpo.errors import checkpoint_exception_summary, is_checkpoint_exception
 
-            if not is_checkpoint_exception(e):
-                raise
-            raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
-        absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
-        if absent:
-            raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. "
-                                  f"{absent[:6]} (a different architecture, or a model-only checkpoint?)")
-        if unexpected:
-            log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
-        # TE (>= 2.18) unpickles the FP8 extra state here, in set_extra_state, not in dist_checkpointing.load
-        result = _unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=False)
-    return loaded, [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if not is_checkpoint_exception(e):
+            raise
+        raise CheckpointError(f"{path}: cannot load ({checkpoint_exception_summary(e)})") from e
+    absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(absent)} entries this model needs, e.g. "
+                              f"{absent[:6]} (a different architecture, or a model-only checkpoint?)")
+    if unexpected:
+        log.info("%s: %d TE _extra_state entries not in the checkpoint start empty", path, len(unexpected))
+    return loaded
 
 
-def _restore_common(path: Path, meta: dict, scheduler: Any) -> Any:
-    """The scheduler's state (when given) and the data position (a training checkpoint's) from the common
-    state; returns the data position or None."""
-    from megatron_inpo.engine import compat
+# ----------------------------------------------------------------------------------------------------------------
+# The training state, piece by piece (torchtitan's Stateful): each part names its entry of the checkpoint, says
+# what to save and what to ask for at load, and restores itself from what was loaded. save_to and load_checkpoint
+# are loops over the parts: a new piece of state is a new part, not an edit of either.
 
-    if scheduler is not None:
-        common = compat.load_common_state(path)
-        if "scheduler" in common:
-            scheduler.load_state_dict(common["scheduler"])
-    if not meta.get("has_optimizer"):
-        return None
-    return compat.load_common_state(path).get("data")
+
+class _Part:
+    key = ""
+    sharded = True
+    """In dist_checkpointing's sharded load; False: an entry of the common state, read after it."""
+
+    def saved(self) -> Any:
+        raise NotImplementedError
+
+    def requested(self) -> Any:
+        return self.saved()
+
+    def restore(self, loaded: Any) -> None:
+        pass
+
+
+class _Model(_Part):
+    """The weights; `strict_path`: a checkpoint that lacks one of them is refused, naming it."""
+
+    key = "model"
+
+    def __init__(self, chunks: list, strict_path: Path | None = None) -> None:
+        self.chunks, self.strict_path, self._saved = chunks, strict_path, None
+
+    def saved(self) -> Any:
+        if self._saved is None:  # one dict for the model entry and the optimizer's references to it
+            self._saved = _model_sharded(self.chunks)
+        return self._saved
+
+    def requested(self) -> Any:
+        return _model_sharded(self.chunks)
+
+    def restore(self, loaded: Any) -> None:
+        result = _unwrap(self.chunks[0]).load_state_dict(loaded, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if self.strict_path is not None and missing:
+            raise CheckpointError(f"{self.strict_path}: checkpoint lacks model weights {missing[:8]}")
+
+
+class _Optimizer(_Part):
+    """Megatron's optimizer state, fp32 master weights included, in its saved format (`fmt`, checked)."""
+
+    key = "optimizer"
+
+    def __init__(self, optimizer: Any, model: _Model, fmt: str | None = None) -> None:
+        self.optimizer, self.model, self.fmt = optimizer, model, fmt
+
+    def saved(self) -> Any:
+        return self.optimizer.sharded_state_dict(
+            self.model.saved(), metadata=_optimizer_metadata(_optimizer_format(self.optimizer)))
+
+    def requested(self) -> Any:
+        from megatron_inpo.engine import optimizer as optimizer_repairs
+
+        optimizer_repairs.prepare_adam_state_for_load(self.optimizer)
+        return self.optimizer.sharded_state_dict(_model_sharded(self.model.chunks), is_loading=True,
+                                                 metadata=_optimizer_metadata(self.fmt or "per_parameter"))
+
+    def restore(self, loaded: Any) -> None:
+        from megatron_inpo.engine import optimizer as optimizer_repairs
+
+        # The state holds the fp32 master weights (fp32_param / the distributed optimizer's shards), so a resume
+        # restores them bit for bit; no refresh from the (bf16) model weights here, which would round them
+        # (tests/engine/test_parallel.py checks both optimizers).
+        with torch.no_grad():  # 0.16.1's dp_reshardable load copies into leaf parameters outside no_grad
+            self.optimizer.load_state_dict(loaded)
+        optimizer_repairs.restore_adam_steps(self.optimizer)
+
+
+class _MasterWeights(_Part):
+    """An optimizer started from an init checkpoint (weights only): its master weights follow the loaded model
+    (optimizer.sync_master_weights). Nothing of it is in the checkpoint."""
+
+    sharded = False
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def restore(self, loaded: Any) -> None:
+        from megatron_inpo.engine import optimizer as optimizer_repairs
+
+        optimizer_repairs.sync_master_weights(self.optimizer)
+
+
+class _Scheduler(_Part):
+    key, sharded = "scheduler", False
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def saved(self) -> Any:
+        return self.scheduler.state_dict()
+
+    def restore(self, loaded: Any) -> None:
+        if loaded is not None:
+            self.scheduler.load_state_dict(loaded)
+
+
+class _Data(_Part):
+    """The data position of a training checkpoint (step, data digest, item count); `state` after a load."""
+
+    key, sharded = "data", False
+
+    def __init__(self, state: dict | None) -> None:
+        self.state = state
+
+    def saved(self) -> Any:
+        return dict(self.state or {})
+
+    def restore(self, loaded: Any) -> None:
+        self.state = loaded
+
+
+class _Rng(_Part):
+    """Every RNG of the rank (python, numpy, torch, CUDA, Megatron's tracker), one object per (PP, TP) rank."""
+
+    key = "rng"
+
+    def saved(self) -> Any:
+        return _rng_sharded(_rng_state())
+
+    def requested(self) -> Any:
+        return _rng_sharded(None)
+
+    def restore(self, loaded: Any) -> None:
+        _set_rng_state(loaded)
