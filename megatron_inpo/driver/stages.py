@@ -173,22 +173,21 @@ class MegatronStages:
                 "--no-progress"]), distributed=False)
         return out
 
-    def _train_stage(self, name: str, loss: str, schedule: Any, data: Path, init: Path, out_dir: Path,
-                     objective: Any = None) -> dict:
-        import json
-
+    def _train_call(self, name: str, loss: str, schedule: Any, data: Path, init: Path, out_dir: Path,
+                    objective: Any = None) -> StageCall:
+        """The typed call of a training stage (engine/entry.py 'train')."""
         from megatron_inpo.engine.config import TrainStageConfig
 
         stage = TrainStageConfig(data=str(data), init_checkpoint=str(init), output_dir=str(out_dir), loss=loss,
                                  objective=objective or self.cfg.algorithm.objective, megatron=self.cfg.megatron,
                                  train=schedule,
                                  seed=self.cfg.seed, progress=False, progress_file=self._progress_file(name))
-        self.run(name, StageCall("train", stage, ["train", "--config", str(self._stage_config(name, stage))]),
-                 progress_file=stage.progress_file)
-        return json.loads((out_dir / "train_result.json").read_text())
+        return StageCall("train", stage, ["train", "--config", str(self._stage_config(name, stage))])
 
     def sft(self, init: Path, data: Path, out_dir: Path) -> Path:
-        return Path(self._train_stage("sft", "sft", self.cfg.sft, data, init, out_dir)["final_checkpoint"])
+        call = self._train_call("sft", "sft", self.cfg.sft, data, init, out_dir)
+        self.run("sft", call, progress_file=call.config.progress_file)
+        return Path(_train_result(out_dir)["final_checkpoint"])
 
     def logprobs(self, data: Path, out: Path, ref: Path, last: Path | None) -> Path:
         from megatron_inpo.engine.config import LogprobStageConfig
@@ -205,8 +204,17 @@ class MegatronStages:
     def train(self, data: Path, init: Path, out_dir: Path, objective: Any = None) -> tuple[Path, dict]:
         """`objective`: the iteration's objective (AlgorithmConfig.objective_at: its eta); None = the run's."""
         name = f"train_{out_dir.parent.name}"
-        res = self._train_stage(name, "preference", self.cfg.train, data, init, out_dir, objective)
+        call = self._train_call(name, "preference", self.cfg.train, data, init, out_dir, objective)
+        self.run(name, call, progress_file=call.config.progress_file)
+        res = _train_result(out_dir)
         return Path(res["final_checkpoint"]), res.get("metrics", {})
+
+
+def _train_result(out_dir: Path) -> dict:
+    """What a training stage recorded when it finished (engine/train.py's train_result.json)."""
+    import json
+
+    return json.loads((Path(out_dir) / "train_result.json").read_text())
 
 
 MEGATRON_MODULES = (("megatron.core", "megatron-core"), ("megatron_inpo.engine.train", "the training engine"),

@@ -79,8 +79,8 @@ def test_each_iteration_hands_its_eta_to_the_megatron_train_stage(tmp_path):
     driver.stages = MegatronStages(cfg, driver.run_dir)
     seen = []
 
-    def record(name, args, **kw):
-        seen.append(yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()))
+    def record(name, call, **kw):
+        seen.append(yaml.safe_load(Path(call.argv[call.argv.index("--config") + 1]).read_text()))
         out = driver.run_dir / f"iter_{len(seen):02d}" / "train"
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_result.json").write_text(json.dumps({"final_checkpoint": "ck", "metrics": {"loss": 1.0}}))
@@ -88,7 +88,7 @@ def test_each_iteration_hands_its_eta_to_the_megatron_train_stage(tmp_path):
     driver.stages.run = record
     rows = []
     for t in (1, 2, 3):
-        res = driver._train(lambda point: None, t, LogprobResult(data="pairs.logp.jsonl"), Path("init"),
+        res = driver._train(t, LogprobResult(data="pairs.logp.jsonl"), Path("init"),
                             driver.run_dir / f"iter_{t:02d}")
         assert seen[-1]["objective"] == dataclasses.asdict(cfg.algorithm.objective_at(t))
         assert seen[-1]["objective"]["eta"] == res.eta == pytest.approx(tau * (t + 2) / 2, rel=1e-15)

@@ -50,7 +50,7 @@ def _logprob_and_train_stages_match(st, torch_run, tmp_path):
     for g, w in zip(got, want):
         for k in ("ref_chosen_logp", "ref_rejected_logp", "last_chosen_logp", "last_rejected_logp"):
             assert g[k] == pytest.approx(w[k], abs=1e-4), k  # float32 sums of <= 16 tokens
-    ckpt, metrics = st.train(out, ref_ckpt, tmp_path / "m" / "iter_01" / "train", lambda p: None)
+    ckpt, metrics = st.train(out, ref_ckpt, tmp_path / "m" / "iter_01" / "train")
     assert (ckpt / "megatron_inpo.json").exists()
     torch_metrics = json.loads((torch_run / "iter_01" / "train" / "result.json").read_text())["metrics"]
     # Same data order, schedule and AdamW settings; the two implementations differ only in float rounding (and
