@@ -112,9 +112,9 @@ def test_theorem4_run_trains_each_iteration_with_its_eta(tmp_path, monkeypatch):
     used = []
     original = TorchStages.train
 
-    def spy(self, data, init, out_dir, fault, objective=None):
+    def spy(self, data, init, out_dir, objective=None):
         used.append(objective)
-        return original(self, data, init, out_dir, fault, objective)
+        return original(self, data, init, out_dir, objective)
 
     monkeypatch.setattr(TorchStages, "train", spy)
     run_dir = tmp_path / "run"
