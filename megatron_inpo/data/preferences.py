@@ -380,17 +380,19 @@ def drop_damaged(path: str | os.PathLike, key: str = "prompt_id") -> list[str]:
     theirs): they were changed after they were written. The file is rewritten atomically without them and each is
     named in a warning; returns their descriptions. A file without any seal (hand-made, or from a release before
     seals) is left as it is."""
+    path = Path(path)
+    return _drop_damaged(path, list(iter_jsonl(path)), key)[1] if path.exists() else []
+
+
+def _drop_damaged(path: Path, records: list[tuple[int, object]],
+                  key: str) -> tuple[list[tuple[int, object]], list[str]]:
+    """drop_damaged on the records already read from `path`: (the records kept, the descriptions of those dropped)."""
     from megatron_inpo.files import atomic_write_bytes
 
-    path = Path(path)
-    if not path.exists():
-        return []
-    states = [(lineno, obj, seal_matches(obj) if isinstance(obj, dict) else False) for lineno, obj in iter_jsonl(path)]
-    if not any(state for _, _, state in states):
-        return []  # no record sealed: nothing to check against
+    states = [(lineno, obj, seal_matches(obj) if isinstance(obj, dict) else False) for lineno, obj in records]
     bad = {lineno for lineno, _, state in states if not state}
-    if not bad:
-        return []
+    if not bad or not any(state for _, _, state in states):  # nothing damaged, or no record sealed to check against
+        return records, []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     kept = b"".join(line + b"\n" for i, line in enumerate(lines, start=1) if line.strip() and i not in bad)
@@ -399,19 +401,19 @@ def drop_damaged(path: str | os.PathLike, key: str = "prompt_id") -> list[str]:
              for lineno, obj, state in states if lineno in bad]
     log.warning("%s: %d record(s) changed after they were written (%s does not match): %s; dropped, done again",
                 path, len(named), SEAL_FIELD, ", ".join(named))
-    return named
+    return [(lineno, obj) for lineno, obj in records if lineno not in bad], named
 
 
 def read_done_ids(path: str | os.PathLike, key: str = "prompt_id") -> set[str]:
     """Ids (field `key`) of every record in a JSONL file, after repairing a torn tail and dropping damaged records
-    (drop_damaged: their prompts are done again); empty if no file."""
+    (drop_damaged: their prompts are done again); empty if no file. The file is parsed once."""
     path = Path(path)
     if not path.exists():
         return set()
     repair_torn_tail(path)
-    drop_damaged(path, key)
+    kept, _ = _drop_damaged(path, list(iter_jsonl(path)), key)
     done = set()
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in kept:
         if not isinstance(obj, dict) or key not in obj:
             raise DataError(f"{path}:{lineno}: record without field {key!r}")
         done.add(str(obj[key]))

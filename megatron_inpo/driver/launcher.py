@@ -71,31 +71,43 @@ def killpg(pgid: int) -> None:
         pass
 
 
-def kill_tagged(token: str, wait_s: float = 5.0) -> int:
-    """SIGKILL every process that carries stage token `token` in its environment (STAGE_TOKEN_ENV, inherited by
-    every descendant) and wait up to wait_s for them to go; returns how many were signalled. killpg alone misses
-    torchrun's ranks: its agent starts each in a session of its own, so they outlive a killed agent."""
-    if not token or not os.path.isdir("/proc"):
-        return 0
+def _environ(pid: int) -> list[bytes]:
+    """A process's environment entries; empty when it is gone, a zombie or not ours to read."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def environments() -> list[tuple[int, list[bytes]]]:
+    """(pid, environment entries) of every other process this user can read; none where there is no /proc."""
+    if not os.path.isdir("/proc"):
+        return []
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    return [(pid, env) for pid in pids if (env := _environ(pid))]
+
+
+def tagged(token: str) -> list[int]:
+    """The processes that carry stage token `token` (STAGE_TOKEN_ENV, inherited by every descendant)."""
     tag = f"{STAGE_TOKEN_ENV}={token}".encode()
+    return [pid for pid, env in environments() if tag in env] if token else []
+
+
+def kill_tagged(token: str, wait_s: float = 5.0) -> int:
+    """SIGKILL every process that carries stage token `token` and wait up to wait_s for them to go; returns how
+    many were signalled. killpg alone misses torchrun's ranks: its agent starts each in a session of its own, so
+    they outlive a killed agent."""
     hit = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == os.getpid():
-            continue
+    for pid in tagged(token):
         try:
-            if tag in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
-                os.kill(int(p), signal.SIGKILL)
-                hit.append(p)
-        except (OSError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            hit.append(pid)
+        except ProcessLookupError:
             continue
+    tag = f"{STAGE_TOKEN_ENV}={token}".encode()
     deadline = time.monotonic() + wait_s
-    for p in hit:  # gone, or a zombie (its environment reads empty) waiting for its parent
-        while time.monotonic() < deadline:
-            try:
-                if tag not in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
-                    break
-            except OSError:
-                break
+    for pid in hit:  # gone, or a zombie (its environment reads empty) waiting for its parent
+        while tag in _environ(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     return len(hit)
 
@@ -108,30 +120,24 @@ def reap_orphan_stage(run_dir: str | Path) -> str | None:
     return ", ".join(killed) or None
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
 def _reap(path: Path) -> str | None:
     if not path.exists():
         return None
     info = json.loads(path.read_text())
-    pgid = int(info["pgid"])
-    members = []
-    for p in (os.listdir("/proc") if os.path.isdir("/proc") else []):
-        try:
-            if p.isdigit() and os.getpgid(int(p)) == pgid:
-                members.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
     # The stage's processes carry its token in their environment, inherited by every descendant (torchrun
     # workers, dist_checkpointing's spawned helpers): a recycled process-group id never matches it.
-    token = f"{STAGE_TOKEN_ENV}={info.get('token', '')}".encode()
-    ours = False
-    for pid in members:
-        try:
-            ours |= token in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            pass
+    pgid, token = int(info["pgid"]), info.get("token", "")
+    ours = any(_pgid(pid) == pgid for pid in tagged(token))
     if ours:
         killpg(pgid)
-    kill_tagged(info.get("token", ""))  # torchrun's ranks, each in a session of its own
+    kill_tagged(token)  # torchrun's ranks, each in a session of its own
     path.unlink(missing_ok=True)
     return info.get("stage") if ours else None
 

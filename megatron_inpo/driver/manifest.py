@@ -44,8 +44,9 @@ import yaml
 
 from megatron_inpo import identity as _identity
 from megatron_inpo.config import ConfigError, load_yaml, save_yaml, to_dict
+from megatron_inpo.driver.config import RunConfig
 from megatron_inpo.files import atomic_write_json
-from megatron_inpo.identity import config_digest, different_config  # noqa: F401 - re-exported
+from megatron_inpo.identity import different_config  # noqa: F401 - re-exported
 from megatron_inpo.serving.pool import TRANSPORT_FIELDS
 
 FORMAT_VERSION = 1
@@ -58,19 +59,40 @@ RESUME_MUTABLE = frozenset({"run_dir", "stage_timeout_s", "server_memory_saver",
                             for f in TRANSPORT_FIELDS})
 
 
+# Run fields renamed since manifests were first written (old name -> new name; YAML refuses the old names). A
+# run's identity keeps the old names, so a run directory started before a rename has the same identity digest and
+# resumes; a saved config.yaml is read with the new names.
+RENAMED_FIELDS = RunConfig.RENAMED
+
+
+def _old_names(d: dict) -> dict:
+    back = {new: old for old, new in RENAMED_FIELDS.items()}
+    return {back.get(k, k): v for k, v in d.items()}
+
+
+def _new_names(d: dict) -> dict:
+    return {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
+
+
 def identity(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> dict[str, Any]:
-    """identity.identity with the run's mutable fields by default."""
-    return _identity.identity(cfg, mutable)
+    """identity.identity with the run's mutable fields by default (and renamed fields under their first names)."""
+    return _identity.identity(_old_names(to_dict(cfg)), mutable)
 
 
 def identity_digest(cfg: Any, mutable: Iterable[str] = RESUME_MUTABLE) -> str:
-    """identity.identity_digest with the run's mutable fields by default."""
-    return _identity.identity_digest(cfg, mutable)
+    """identity.identity_digest with the run's mutable fields by default (renamed fields under their first names,
+    so the digest of a run started before a rename is unchanged)."""
+    return _identity.identity_digest(_old_names(to_dict(cfg)), mutable)
+
+
+def config_digest(cfg: Any) -> str:
+    """identity.config_digest under the fields' first names (what manifests before the identity recorded)."""
+    return _identity.config_digest(_old_names(to_dict(cfg)))
 
 
 def config_diff(old: dict, new: dict, mutable: Iterable[str] = RESUME_MUTABLE) -> list[str]:
-    """identity.config_diff with the run's mutable fields by default."""
-    return _identity.config_diff(old, new, mutable)
+    """identity.config_diff with the run's mutable fields by default; both sides read under the new names."""
+    return _identity.config_diff(_new_names(old), _new_names(new), mutable)
 
 
 def _rebase(value: Any, old: str, new: str) -> Any:

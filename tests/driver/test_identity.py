@@ -120,3 +120,32 @@ def test_legacy_manifest_with_its_yaml_allows_mutable_fields(tmp_path):
         (run / "manifest.json").write_text(text, errors="surrogateescape")
         with pytest.raises(ConfigError, match="corrupt manifest"):
             Manifest(run)
+
+
+def test_run_directory_from_before_the_rename_of_engine_to_trainer_resumes(tmp_path):
+    """A run started when the run switch `trainer` was still called `engine` recorded `engine` in its config.yaml
+    and in its identity digest: it resumes under the new name, and a changed switch is refused naming `trainer`."""
+    from megatron_inpo import identity as plain
+    from megatron_inpo.config import to_dict
+    from megatron_inpo.driver.manifest import RESUME_MUTABLE
+
+    run = tmp_path / "run"
+    cfg = _cfg(run)
+    as_before = to_dict(cfg)
+    as_before["engine"] = as_before.pop("trainer")  # the config as the code before the rename resolved it
+    Manifest.open(run, cfg)
+    (run / "config.yaml").write_text(yaml.safe_dump(as_before))
+    data = json.loads((run / "manifest.json").read_text())
+    assert data["identity_sha256"] == plain.identity_digest(as_before, RESUME_MUTABLE)  # the digest did not move
+    assert data["config_sha256"] == plain.config_digest(as_before)
+    m = Manifest.open(run, _cfg(run, "--stage_timeout_s=9"))
+    assert m.data["identity_sha256"] == data["identity_sha256"]
+    assert "trainer" in yaml.safe_load((run / "config.yaml").read_text())  # saved again under the new name
+    (run / "config.yaml").write_text(yaml.safe_dump(as_before))
+    other = "torch" if cfg.trainer != "torch" else "megatron"
+    with pytest.raises(ConfigError) as e:
+        Manifest.open(run, _cfg(run, f"--trainer={other}"))
+    assert f"trainer: saved {cfg.trainer!r}, now {other!r}" in str(e.value) and "engine" not in str(e.value)
+    (run / "config.yaml").unlink()  # without the YAML the digest still refuses it
+    with pytest.raises(ConfigError, match="different config"):
+        Manifest.open(run, _cfg(run, f"--trainer={other}"))

@@ -92,6 +92,7 @@ def _next_new_stage(proc: subprocess.Popen, hit: set[str], timeout: float = 600)
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack
 @pytest.mark.megatron
 @pytest.mark.parametrize("runner, first", [("persistent", signal.SIGINT), ("subprocess", signal.SIGTERM)])
 def test_run_interrupted_in_every_stage_kind_stops_and_resumes_bit_identically(reference, tmp_path, runner, first):

@@ -19,6 +19,7 @@ POINTS = ["prepare@end", "sft@step2", "sft@end", "iter1/rollout@batch1", "iter1/
 
 
 @pytest.mark.slow
+@pytest.mark.one_stack
 def test_sigkill_in_every_stage_then_resume_equals_uninterrupted(tmp_path):
     ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     r = run_cli(["run", "--recipe", "tiny_cpu", "--no-progress", *tiny_overrides(ref_dir)])

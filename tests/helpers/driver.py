@@ -42,20 +42,11 @@ def stage_processes_left() -> list[int]:
     """Processes of this test session (its token, tests/conftest.py SESSION_ENV, inherited by the runs it starts)
     that carry a stage token: stage subprocesses, the stage worker, their helpers. Sessions side by side, with or
     without xdist, do not see each other's."""
-    from megatron_inpo.driver.launcher import STAGE_TOKEN_ENV
+    from megatron_inpo.driver.launcher import STAGE_TOKEN_ENV, environments
     from tests.conftest import SESSION_ENV
 
-    session = f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode()
-    left = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if session in env and any(v.startswith(STAGE_TOKEN_ENV.encode() + b"=") for v in env):
-            left.append(int(pid))
-    return left
+    session, stage = f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode(), STAGE_TOKEN_ENV.encode() + b"="
+    return [pid for pid, env in environments() if session in env and any(v.startswith(stage) for v in env)]
 
 
 def tensors(hf_dir: str | Path) -> dict:
