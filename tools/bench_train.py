@@ -3,6 +3,7 @@
     python tools/bench_train.py                      # CPU: a small Llama, fp32
     python tools/bench_train.py --preset gpu-1.7b     # one GPU: the 1.7B-class config of shared/bench/gpu_baseline.py
     python tools/bench_train.py --preset gpu-1.7b --fp8 hybrid   # engine with Transformer Engine FP8
+    python tools/bench_train.py --preset smollm2-135m --profile  # + where each one's step time goes
 
 Both implementations run the same INPO step on the same synthetic pairs: per-sequence sums of response-token
 log-probs of micro_batch pairs (2 x micro_batch sequences of --seq tokens), the INPO loss, backward and an AdamW
@@ -42,6 +43,8 @@ import time
 
 PRESETS = {
     "cpu-small": dict(layers=4, hidden=256, heads=8, groups=4, ffn=688, vocab=4096, seq=256, micro_batch=2),
+    # SmolLM2-135M's shape with an untied head (163M parameters), the shape of issue 26's figures
+    "smollm2-135m": dict(layers=30, hidden=576, heads=9, groups=3, ffn=1536, vocab=49152, seq=512, micro_batch=4),
     "gpu-1.7b": dict(layers=16, hidden=2048, heads=16, groups=8, ffn=8192, vocab=128256, seq=2048, micro_batch=2),
 }
 
@@ -78,7 +81,8 @@ def build_engine(a):
     from megatron_inpo.engine.optimizer import build_optimizer
     from megatron_inpo.engine.policy import build_policy, init_runtime, wrap_ddp
 
-    engine = MegatronConfig(model=MegatronModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"))
+    engine = MegatronConfig(model=MegatronModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"),
+                            logps=a.logps)
     rt = init_runtime(engine, seed=0)
     built = build_policy(hf_config(a), engine, rt)
     precision = engine.model.resolved_precision(rt.cuda)
@@ -91,25 +95,25 @@ def build_engine(a):
 def run_engine(a) -> list[float]:
     from megatron_inpo.engine.batches import make_pair_batch
     from megatron_inpo.engine.config import batch_pad_multiple
-    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
+    from megatron_inpo.engine.step import OutputHead, PreferenceLoss, run_schedule
     from megatron_inpo.objectives import ObjectiveConfig
 
     engine, rt, built, model, opt, sched = build_engine(a)
     pairs = synthetic_pairs(a, a.micro_batch)
     # FP8 GEMMs need token rows in multiples of 16, as training pads them
     batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=batch_pad_multiple(1, engine))
-    loss = PreferenceLoss(ObjectiveConfig(), built.vocab_size, pairs)
-    times = []
-    for _ in range(a.steps + a.warmup):
-        sync(rt.cuda)
-        t = time.perf_counter()
+    loss = PreferenceLoss(ObjectiveConfig(), pairs)
+    head = OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens)
+
+    def one_step():
         model[0].zero_grad_buffer()
         opt.zero_grad()
-        run_schedule(model, [batch], loss, rt.device)
-        opt.step()
-        sched.step(1)
-        sync(rt.cuda)
-        times.append(time.perf_counter() - t)
+        run_schedule(model, [batch], loss, head, rt.device)
+        with optimizer_scope():
+            opt.step()
+            sched.step(1)
+
+    times = time_steps(one_step, a, rt.cuda)
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -136,21 +140,95 @@ def run_hf(a) -> list[float]:
     B = a.micro_batch
     frozen = torch.full((B,), -1.0 * a.seq, device=dev)
     obj = ObjectiveConfig()
-    times = []
-    for _ in range(a.steps + a.warmup):
-        sync(cuda)
-        t = time.perf_counter()
+
+    def one_step():
         logits = model(input_ids=b.tokens).logits.float()
         tok = torch.log_softmax(logits, -1).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
         lp = (tok * b.loss_mask).sum(-1)
         loss, _ = compute_objective(obj, PairLogps(lp[:B], lp[B:], frozen, frozen, frozen, frozen))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with optimizer_scope():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return time_steps(one_step, a, cuda)
+
+
+OPTIMIZER_SCOPE = "bench.optimizer"
+
+
+def optimizer_scope():
+    """A profiler range around the optimizer's work: every operator inside it counts as 'optimizer'."""
+    import torch
+
+    return torch.profiler.record_function(OPTIMIZER_SCOPE)
+
+
+def time_steps(one_step, a, cuda: bool) -> list[float]:
+    """Wall time of --warmup + --steps calls of one_step; with --profile one more step under torch's profiler,
+    its summary printed as a PROFILE line."""
+    times = []
+    for _ in range(a.steps + a.warmup):
+        sync(cuda)
+        t = time.perf_counter()
+        one_step()
         sync(cuda)
         times.append(time.perf_counter() - t)
+    if a.profile:
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            one_step()
+            sync(cuda)
+        print("PROFILE " + json.dumps(profile_summary(prof, a.profile_top, cuda)), flush=True)
     return times
+
+
+# Where a step's time goes: operator (self time) -> category; the optimizer is every operator inside
+# OPTIMIZER_SCOPE, whatever its name. Composite ops (aten::linear, aten::matmul) have next to no self time.
+CATEGORIES = (
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn", "gemm", "cublas")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_cudnn_attention")),
+    ("copies", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::index",
+                "aten::stack", "aten::repeat", "aten::expand_as", "aten::masked_fill", "aten::fill_", "aten::zero_",
+                "aten::zeros", "aten::empty_strided", "aten::gather", "aten::scatter", "Memcpy", "Memset")),
+)
+
+
+def category(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "elementwise" if name.startswith("aten::") else "other"
+
+
+def profile_summary(prof, top: int, cuda: bool) -> dict:
+    """The step's self time by operator (the `top` largest) and by category (gemm, attention, elementwise, copies,
+    optimizer, other), in seconds; on a GPU the device time, else the CPU time."""
+    def self_us(e):
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    by_op: dict[str, list] = {}
+    by_cat: dict[str, float] = {}
+    for e in prof.events():
+        us = self_us(e)
+        if us <= 0 or e.name == OPTIMIZER_SCOPE:
+            continue
+        node, in_opt = e, False
+        while node is not None and not in_opt:
+            in_opt, node = node.name == OPTIMIZER_SCOPE, node.cpu_parent
+        cat = "optimizer" if in_opt else category(e.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e6
+        row = by_op.setdefault(e.name, [0.0, 0, cat])
+        row[0] += us / 1e6
+        row[1] += 1
+    total = sum(by_cat.values())
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(total_s=round(total, 4),
+                categories={k: round(v, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+                top=[dict(op=k, self_s=round(v[0], 4), calls=v[1], category=v[2]) for k, v in ops])
 
 
 def length_triples(a) -> list[tuple[int, int, int]]:
@@ -192,7 +270,7 @@ def run_packing(a) -> None:
     from megatron_inpo.data.preferences import PreferencePair
     from megatron_inpo.engine.batches import plan_step
     from megatron_inpo.engine.config import batch_pad_multiple
-    from megatron_inpo.engine.step import PreferenceLoss, run_schedule
+    from megatron_inpo.engine.step import OutputHead, PreferenceLoss, run_schedule
     from megatron_inpo.objectives import ObjectiveConfig
 
     engine, rt, built, model, opt, sched = build_engine(a)
@@ -202,7 +280,8 @@ def run_packing(a) -> None:
                             chosen_ids=ids(c), rejected_ids=ids(r), ref_chosen_logp=-2.0 * c,
                             ref_rejected_logp=-2.0 * r, last_chosen_logp=-2.0 * c, last_rejected_logp=-2.0 * r)
              for i, (p, c, r) in enumerate(length_triples(a))]
-    loss = PreferenceLoss(ObjectiveConfig(), built.vocab_size, pairs)
+    loss = PreferenceLoss(ObjectiveConfig(), pairs)
+    head = OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens)
     pad_multiple = batch_pad_multiple(8, engine)
     ways = {"packed": dict(packing=True, uniform=False), "padded": dict(packing=False, uniform=False),
             "padded_step_max": dict(packing=False, uniform=True)}
@@ -219,7 +298,7 @@ def run_packing(a) -> None:
             t = time.perf_counter()
             model[0].zero_grad_buffer()
             opt.zero_grad()
-            run_schedule(model, batches, loss, rt.device)
+            run_schedule(model, batches, loss, head, rt.device)
             opt.step()
             sched.step(1)
             sync(rt.cuda)
@@ -302,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the sequence lengths")
     p.add_argument("--pairs", type=int, default=None, help="pairs in all (--lengths; default 4 global batches)")
     p.add_argument("--global-batch", type=int, default=16, help="pairs per step (--lengths)")
+    p.add_argument("--profile", action="store_true", help="profile one more step of each implementation (torch's "
+                   "profiler) and print its top operators by self time and the split by category")
+    p.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
+    p.add_argument("--logps", choices=["chunked", "logits"], default="chunked",
+                   help="the engine's log-prob head (MegatronConfig.logps)")
     p.add_argument("--impl", choices=["engine", "hf", "packing"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import torch
@@ -333,10 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
         return 0
     results: dict = {}
+    profiles: dict = {}
     # Alternate the implementations and keep each one's fastest repeat: a shared machine's load drifts.
     for impl in ("hf", "engine") * a.repeats:
-        args = [sys.executable, os.path.abspath(__file__), "--impl", impl] + [
+        args = [sys.executable, os.path.abspath(__file__), "--impl", impl, f"--logps={a.logps}"] + [
             f"--{k.replace('_', '-')}={getattr(a, k)}" for k in list(preset) + ["steps", "warmup"]]
+        if a.profile:
+            args += ["--profile", f"--profile-top={a.profile_top}"]
         if a.fp8 and impl == "engine":
             args.append(f"--fp8={a.fp8}")
         if a.peak_tflops is not None:
@@ -349,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         row = json.loads(line[len("RESULT "):])
         print(json.dumps(row), flush=True)
+        prof = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
+        if prof is not None:
+            profiles[impl] = json.loads(prof[len("PROFILE "):])
         if impl not in results or row["step_s"] < results[impl]["step_s"]:
             results[impl] = row
     cfg = {k: getattr(a, k) for k in preset}
@@ -356,7 +446,30 @@ def main(argv: list[str] | None = None) -> int:
     mem_key = next(k for k in e if k.endswith("_gib"))
     print(json.dumps({"config": cfg, "engine_over_hf_tokens_per_s": round(e["tokens_per_s"] / h["tokens_per_s"], 3),
                       "engine_over_hf_peak_mem": round(e[mem_key] / h[mem_key], 3)}), flush=True)
+    if profiles:
+        print_profiles(profiles)
     return 0
+
+
+def print_profiles(profiles: dict) -> None:
+    """The profiled step of each implementation: self time by category side by side, then each one's top
+    operators."""
+    impls = [i for i in ("hf", "engine") if i in profiles]
+    cats = sorted({c for p in profiles.values() for c in p["categories"]},
+                  key=lambda c: -max(p["categories"].get(c, 0.0) for p in profiles.values()))
+    print("\nwhere one step's time goes (profiler self time, s; % of the step)")
+    print(f"{'category':<12}" + "".join(f"{i:>20}" for i in impls))
+    for c in cats + ["total"]:
+        cells = []
+        for i in impls:
+            p = profiles[i]
+            v = p["total_s"] if c == "total" else p["categories"].get(c, 0.0)
+            cells.append(f"{v:>12.3f} ({100 * v / p['total_s']:>4.1f}%)")
+        print(f"{c:<12}" + "".join(cells))
+    for i in impls:
+        print(f"\ntop operators, {i} (self s, calls, category)")
+        for r in profiles[i]["top"]:
+            print(f"  {r['op']:<48}{r['self_s']:>9.3f}{r['calls']:>7}  {r['category']}")
 
 
 if __name__ == "__main__":

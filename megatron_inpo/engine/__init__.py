@@ -5,8 +5,9 @@ stages and their checkpoints.
                    configs TrainStageConfig / LogprobStageConfig that `megatron-inpo train` / `logprobs` run
     train.py       train(TrainStageConfig): the step loop, checkpoints, exact resume
     logprobs.py    run_logprobs(LogprobStageConfig): the resumable forward-only pass
-    step.py        run_schedule(model, batches, loss): one forward_step for every stage; losses as objects
-                   (PreferenceLoss, SFTLoss, PairLogpsProbe); global_metrics
+    step.py        run_schedule(model, batches, loss, head): one forward_step for every stage; losses as objects
+                   (PreferenceLoss, SFTLoss, PairLogpsProbe); OutputHead; global_metrics
+    head.py        label_logps: log p(label) from the final hidden states, a chunk of tokens at a time
     batches.py     SequenceBatch, pair / SFT micro-batches padded or packed (plan_step: first-fit decreasing rows,
                    THD cu_seqlens), the seeded data order (step_items, optionally length-grouped)
     optimizer.py   build_optimizer, the fused torch AdamW, the torch-Adam repairs around loads

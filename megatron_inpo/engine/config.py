@@ -169,10 +169,22 @@ class MegatronConfig:
     on 2 shared CPU cores, 2026-12-02. Where a step is bound by per-op overhead rather than by tokens (the
     2-layer, 64-wide tiny_cpu demo: packed 0.41x), the recipe turns it off. false: padded micro-batches,
     length-sorted within the step (and `train.length_buckets` to group lengths across steps)."""
+    logps: str = "chunked"
+    """How log p(token) comes out of the model, in training and the log-prob pass. 'chunked': from the final hidden
+    states, a chunk of tokens at a time (head matmul, max, log-sum-exp and the label's logit; recomputed in
+    backward; vocabulary-parallel under TP; engine/head.py), so no [tokens x vocab] tensor is kept. 'logits': the
+    model's full logits through Megatron's vocab-parallel cross entropy, the reference path of earlier releases
+    (kept for one release; equal to 'chunked' to <= 1e-6 relative in float32, tests/engine/test_head.py)."""
+    logps_chunk_tokens: int = 1024
+    """Tokens per chunk of logps 'chunked': each chunk's [tokens x vocab/TP] float32 logits exist one at a time
+    (1024 x 49k x 4 B = 0.2 GB; at Llama-3's 128k vocabulary 0.5 GB per TP rank)."""
 
     def validate(self) -> None:
         if not isinstance(self.packing, bool):
             raise ConfigError(f"packing: must be true or false, got {self.packing!r}")
+        if self.logps not in ("chunked", "logits"):
+            raise ConfigError(f"logps: must be 'chunked' or 'logits', got {self.logps!r}")
+        _positive_ints(self, ("logps_chunk_tokens",))
         self._check_packing(self.model.layer_spec)
 
     def _check_packing(self, layer_spec: str) -> None:

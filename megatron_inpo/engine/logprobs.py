@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 def forward_pair_logps(
     model: list,
     batches: Sequence[SequenceBatch],
-    vocab_size: int | None,
+    head,
     device: torch.device | str = "cpu",
 ) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] | None:
-    """Forward-only through the schedule; every batch holds pairs and all have one shape (on every pipeline stage).
+    """Forward-only through the schedule; every batch holds pairs and all have one shape (on every pipeline stage);
+    `head` (engine/step.OutputHead) says how the log-probs come out of the model.
 
     Returns, on the last pipeline stage, (indices, chosen_logps [B], rejected_logps [B]) per micro-batch; None on
     other stages.
@@ -47,7 +48,7 @@ def forward_pair_logps(
 
     if not batches:
         return [] if ps.is_pipeline_last_stage() else None
-    store = run_schedule(model, batches, PairLogpsProbe(vocab_size), device, forward_only=True)
+    store = run_schedule(model, batches, PairLogpsProbe(), head, device, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
     return [(d["indices"], d["chosen"].double().cpu(), d["rejected"].double().cpu()) for d in store]
@@ -117,7 +118,7 @@ def compute_role_logps(
     role: str,
     pairs: Sequence[PreferencePair],
     model: list,
-    vocab_size: int | None,
+    head,
     micro_batch_size: int,
     chunk_pairs: int,
     store: ProgressStore | None,
@@ -126,7 +127,8 @@ def compute_role_logps(
     progress: Callable[[int], None] | None = None,
     packing: bool = False,
 ) -> tuple[list[list[float]], int]:
-    """[chosen, rejected] log-prob sums of every pair under one model, on every rank; resumes from `store`.
+    """[chosen, rejected] log-prob sums of every pair under one model (its `head`, engine/step.OutputHead), on
+    every rank; resumes from `store`.
 
     Work is split in chunks of `chunk_pairs` pairs; each chunk is shared among data-parallel ranks by micro-batch
     (engine/batches.py plan_step): padded micro-batches of `micro_batch_size` pairs, or with `packing` rows of
@@ -168,7 +170,7 @@ def compute_role_logps(
         for b in mine:
             groups.setdefault(tuple(b.tokens.shape) if pipeline else (), []).append(b)
         for batches in groups.values():
-            out = forward_pair_logps(model, batches, vocab_size, device)
+            out = forward_pair_logps(model, batches, head, device)
             if out is not None and ps.get_tensor_model_parallel_rank() == 0:
                 for idx, ch, rj in out:
                     results += [(i, float(a), float(b)) for i, a, b in zip(idx, ch.tolist(), rj.tolist())]
@@ -225,6 +227,7 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
     from megatron_inpo.engine.config import batch_pad_multiple
     from megatron_inpo.engine.metrics import StageProgress
     from megatron_inpo.engine.policy import init_runtime, load_frozen_policy
+    from megatron_inpo.engine.step import OutputHead
 
     validate_all(cfg)
     out = Path(cfg.output)
@@ -255,7 +258,8 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
         progress = StageProgress(f"logprobs[{role}]", len(pairs), 0, "pair", bar=cfg.progress,
                                  path=cfg.progress_file, enabled=runtime.rank == 0)
         values[role], computed[role] = compute_role_logps(
-            role, pairs, [model], built.vocab_size, lc.micro_batch_size, lc.chunk_pairs, store,
+            role, pairs, [model], OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens),
+            lc.micro_batch_size, lc.chunk_pairs, store,
             pad_multiple=batch_pad_multiple(lc.pad_multiple, engine), device=runtime.device,
             progress=progress.update, packing=engine.packing)
         progress.close()

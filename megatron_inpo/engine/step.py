@@ -1,12 +1,14 @@
 """One pass through Megatron's pipeline schedule: one `forward_step`, the loss an object.
 
-    run_schedule(model, batches, loss, device, forward_only=False)
-        hands the micro-batches and `loss` to get_forward_backward_func (Megatron runs TP / PP / the micro-batches).
+    run_schedule(model, batches, loss, head, device, forward_only=False)
+        hands the micro-batches and `loss` to get_forward_backward_func (Megatron runs TP / PP / the micro-batches);
+        `head` (OutputHead) turns the last stage's output into log p(label) per token: chunked from the final
+        hidden states (engine/head.py), or from the logits (token_logps, the reference path).
 
-Losses (called once per micro-batch inside the schedule, on the last pipeline stage):
-    PreferenceLoss(objective, vocab_size, pairs)   sum of a preference objective (INPO, DPO, IPO, SPPO) over pairs
-    SFTLoss(vocab_size)                            sum of the response-token NLL
-    PairLogpsProbe(vocab_size)                     forward-only: each pair's chosen / rejected log-prob sums
+Losses (called once per micro-batch inside the schedule, on the last pipeline stage, with the tokens' log-probs):
+    PreferenceLoss(objective, pairs)   sum of a preference objective (INPO, DPO, IPO, SPPO) over pairs
+    SFTLoss()                          sum of the response-token NLL
+    PairLogpsProbe()                   forward-only: each pair's chosen / rejected log-prob sums
 
 A training loss returns the SUM over its items (pairs, or response tokens) with their count; the model is wrapped
 with calculate_per_token_loss (engine.policy.wrap_ddp), so finalize_model_grads divides the gradients once by the
@@ -16,7 +18,9 @@ metrics exactly on the global batch afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
 from typing import Any, Sequence
 
 import torch
@@ -49,19 +53,110 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | No
     return -vocab_parallel_cross_entropy(logits, labels)
 
 
-def sequence_logps(logits: torch.Tensor, batch: SequenceBatch, vocab_size: int | None = None) -> torch.Tensor:
-    """Per-sequence sums of response-token log-probs, [n] float64, in the padded order whether the batch is padded
-    ([n, S] rows) or packed (one row; each position's sequence is `batch.seq_ids`).
+def sequence_sums(tok: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    """Per-sequence sums of the response tokens' log-probs `tok` (shaped like batch.labels), [n] float64, in the
+    padded order whether the batch is padded ([n, S] rows) or packed (one row; each position's sequence is
+    `batch.seq_ids`).
 
     The sums run in float64: a sequence's log-prob is a sum of hundreds of nats, and float32 sums in another order
     (a packed row vs a padded one) differ by ulps of the total; in float64 both equal the exact sum of the same
     float32 token log-probs to ~1e-13."""
-    tok = token_logps(logits, batch.labels, vocab_size).double() * batch.loss_mask
+    tok = tok.double() * batch.loss_mask
     if not batch.packed:
         return tok.sum(dim=-1)
     n = batch.num_sequences
     sums = torch.zeros(n + 1, dtype=tok.dtype, device=tok.device)  # slot n collects the padding (all zeros)
     return sums.index_add(0, batch.seq_ids.reshape(-1), tok.reshape(-1))[:n]
+
+
+def sequence_logps(logits: torch.Tensor, batch: SequenceBatch, vocab_size: int | None = None) -> torch.Tensor:
+    """sequence_sums of token_logps: the per-sequence log-probs from a model's logits (the reference path)."""
+    return sequence_sums(token_logps(logits, batch.labels, vocab_size), batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From a model chunk's output to log p(label)
+
+
+def _gpt(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "output_layer") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. Megatron's TP regions all-reduce the gradient in
+    place on `grad.contiguous()`, which for a strided gradient (the one GPTModel's [s, b] -> [b, s] transpose gives
+    back) is a copy: the sum would be lost."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _output_layer_input(layer, input_, weight=None, runtime_gather_output=None):
+    """An output layer (ColumnParallelLinear) that returns its input as it would see it: gathered over the sequence
+    under sequence parallelism, or under a region whose backward all-reduces over TP (its allreduce_dgrad)."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    if layer.sequence_parallel:
+        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=layer.tp_group)
+    elif layer.allreduce_dgrad:
+        input_ = copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+    return _ContiguousGrad.apply(input_), None
+
+
+@dataclasses.dataclass
+class OutputHead:
+    """How the last pipeline stage's output becomes log p(label) per token (see MegatronConfig.logps).
+
+    'chunked': the model's output layer hands back its input, so the model returns its final hidden states
+    [b, s, h], and engine/head.label_logps applies the head's weight a chunk of tokens at a time. 'logits': the model
+    returns its logits and token_logps takes them (the reference path)."""
+
+    vocab_size: int
+    """The real vocabulary; ids of the padded vocabulary are left out of the softmax."""
+    logps: str = "chunked"
+    """'chunked' or 'logits'."""
+    chunk_tokens: int = 1024
+    """Tokens per chunk of the chunked path."""
+
+    @contextlib.contextmanager
+    def applied(self, model: list):
+        """Within: every model chunk with an output layer returns its final hidden states instead of logits."""
+        layers = [g.output_layer for g in map(_gpt, model) if getattr(g, "post_process", False)]
+        if self.logps == "chunked":
+            for layer in layers:
+                # an instance attribute shadows ColumnParallelLinear.forward; module hooks still run
+                layer.forward = types.MethodType(_output_layer_input, layer)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+
+    def token_logps(self, chunk: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(labels) [b, s] float32 from `chunk`'s output (hidden states or logits, as `applied` made it)."""
+        if self.logps != "chunked":
+            return token_logps(output, labels, self.vocab_size)
+        from megatron.core import parallel_state as ps
+
+        from megatron_inpo.engine.head import label_logps
+
+        gpt = _gpt(chunk)
+        weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
+            else gpt.output_layer.weight
+        tp = ps.get_tensor_model_parallel_world_size()
+        group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+        start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+        tok = label_logps(output.reshape(-1, output.shape[-1]), weight, labels.reshape(-1), self.vocab_size, start,
+                          self.chunk_tokens, group)
+        return tok.view(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +176,8 @@ class Loss:
         """Extra tensors of this micro-batch, moved to `device` before the schedule starts."""
         return None
 
-    def __call__(self, batch: SequenceBatch, inputs: Any, output: torch.Tensor):
+    def __call__(self, batch: SequenceBatch, inputs: Any, tok: torch.Tensor):
+        """The micro-batch's loss from `tok`, log p(label) of each of its tokens (shaped like batch.labels)."""
         raise NotImplementedError
 
     def summarize(self, collected: list[dict[str, Any]]) -> list[float]:
@@ -112,17 +208,17 @@ class PreferenceLoss(Loss):
 
     metric_names = ("loss", "h_mean", "h_std", "chosen_logratio", "rejected_logratio", "margin", "accuracy")
 
-    def __init__(self, objective, vocab_size: int, pairs: Sequence[Any]) -> None:
+    def __init__(self, objective, pairs: Sequence[Any]) -> None:
         super().__init__()
-        self.objective, self.vocab_size, self.pairs = objective, vocab_size, pairs
+        self.objective, self.pairs = objective, pairs
 
     def inputs(self, batch: SequenceBatch, device) -> dict:
         return frozen_columns([self.pairs[i] for i in batch.indices], device)
 
-    def __call__(self, batch: SequenceBatch, inputs: dict, output: torch.Tensor):
+    def __call__(self, batch: SequenceBatch, inputs: dict, tok: torch.Tensor):
         from megatron_inpo.objectives import PairLogps, compute_objective
 
-        lp = sequence_logps(output, batch, self.vocab_size)
+        lp = sequence_sums(tok, batch)
         B = batch.num_pairs
         logps = PairLogps(policy_chosen=lp[:B], policy_rejected=lp[B:], **inputs)
         loss, _ = compute_objective(self.objective, logps, reduction="sum")
@@ -144,12 +240,8 @@ class SFTLoss(Loss):
 
     metric_names = ("loss", "tokens")
 
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def __call__(self, batch: SequenceBatch, inputs: None, output: torch.Tensor):
-        nll = -(token_logps(output, batch.labels, self.vocab_size) * batch.loss_mask).sum()
+    def __call__(self, batch: SequenceBatch, inputs: None, tok: torch.Tensor):
+        nll = -(tok * batch.loss_mask).sum()
         n = batch.loss_mask.sum().to(torch.int)
         self.collected.append({"nll": nll.detach().reshape(1), "tokens": n.detach().reshape(1).float()})
         return nll, n, {"nll_sum": nll.detach()}
@@ -163,27 +255,25 @@ class SFTLoss(Loss):
 class PairLogpsProbe(Loss):
     """Forward-only: the chosen / rejected log-prob sums of each pair (the loss is 0 and never used)."""
 
-    def __init__(self, vocab_size: int | None) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-
-    def __call__(self, batch: SequenceBatch, inputs: None, output: torch.Tensor):
-        lp = sequence_logps(output, batch, self.vocab_size)
+    def __call__(self, batch: SequenceBatch, inputs: None, tok: torch.Tensor):
+        lp = sequence_sums(tok, batch)
         B = batch.num_pairs
         return lp.sum() * 0.0, {"chosen": lp[:B].detach(), "rejected": lp[B:].detach(), "indices": batch.indices}
 
 
-def make_loss(kind: str, objective, vocab_size: int, items: Sequence[Any]) -> Loss:
+def make_loss(kind: str, objective, items: Sequence[Any]) -> Loss:
     """The training loss of a stage config's `loss` ('preference' or 'sft')."""
-    return SFTLoss(vocab_size) if kind == "sft" else PreferenceLoss(objective, vocab_size, items)
+    return SFTLoss() if kind == "sft" else PreferenceLoss(objective, items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule
 
 
-def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, device, forward_only: bool = False):
-    """Forward (and backward, unless `forward_only`) of `batches` through get_forward_backward_func.
+def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, head: OutputHead, device,
+                 forward_only: bool = False):
+    """Forward (and backward, unless `forward_only`) of `batches` through get_forward_backward_func; `head` turns
+    the last stage's output into the log-probs `loss` takes.
 
     Under pipeline parallelism every micro-batch must have one shape. Padded and packed micro-batches (one row
     each, engine/batches.py) may be mixed. Returns the schedule's per-micro-batch reports (the last pipeline
@@ -204,7 +294,7 @@ def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, devi
         # a packed row is one THD batch: Megatron applies RoPE per sequence (cu_seqlens) and the core attention
         # (TE's, or ours on the local spec) keeps each sequence to itself
         output = chunk(batch.tokens, batch.position_ids, attention_mask=None, packed_seq_params=packed)
-        return output, lambda out: loss(batch, inputs, out)
+        return output, lambda out: loss(batch, inputs, head.token_logps(chunk, out, batch.labels))
 
     shape = batches[0].tokens.shape
     # Pipeline stages exchange activations of the shape given below; without a pipeline each micro-batch may have
@@ -213,7 +303,7 @@ def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, devi
         raise ValueError("run_schedule: under pipeline parallelism every micro-batch of one call must have the "
                          "same shape")
     staged = [(b, inputs, packed_seq_params(b)) for b, inputs in staged]
-    with torch.no_grad() if forward_only else torch.enable_grad():
+    with torch.no_grad() if forward_only else torch.enable_grad(), head.applied(model):
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(staged), model=model,
             num_microbatches=len(batches), seq_length=shape[1], micro_batch_size=shape[0],

@@ -135,13 +135,14 @@ class _Trainer:
                  digest: str, meta: dict) -> None:
         from megatron_inpo.engine.batches import item_length
         from megatron_inpo.engine.metrics import FlopDims
-        from megatron_inpo.engine.step import make_loss
+        from megatron_inpo.engine.step import OutputHead, make_loss
 
         self.cfg, self.items, self.runtime = cfg, items, runtime
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.digest, self.meta = digest, meta
         self.lengths = [item_length(it) for it in items]
-        self.loss = make_loss(cfg.loss, cfg.objective, built.vocab_size, items)
+        self.loss = make_loss(cfg.loss, cfg.objective, items)
+        self.head = OutputHead(built.vocab_size, cfg.megatron.logps, cfg.megatron.logps_chunk_tokens)
         self.dims = FlopDims.from_hf_config(meta["hf_config"], built.padded_vocab_size)
         tok_dir = Path(cfg.init_checkpoint) / "tokenizer"
         self.tokenizer_dir = tok_dir if tok_dir.is_dir() else None
@@ -199,7 +200,7 @@ class _Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        run_schedule(self.model, batches, self.loss, rt.device)
+        run_schedule(self.model, batches, self.loss, self.head, rt.device)
         lr_used = self.optimizer.param_groups[0]["lr"]
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)

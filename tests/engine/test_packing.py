@@ -184,8 +184,9 @@ def tiny(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.megatron
 def test_packed_equals_padded_at_tp1_tp2_pp2(tiny):
-    """Log-probs per sequence, INPO loss / metrics and every gradient shard, packed vs padded, in one launch of 2
-    processes (TP=1 with DP=2, TP=2, PP=2); tolerances and measured errors in tests/engine/packing_worker.py."""
+    """Log-probs per sequence, INPO loss / metrics and every gradient shard, packed vs padded, and the chunked
+    log-probs (engine/head.py) vs the full logits', packed and padded, in one launch of 2 processes (TP=1 with DP=2,
+    TP=2, PP=2); tolerances and measured errors in tests/engine/packing_worker.py."""
     proc = torchrun(2, ["-m", "tests.engine.packing_worker", str(tiny)], timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tiny / "results_packing.json").read_text())
@@ -196,7 +197,14 @@ def test_packed_equals_padded_at_tp1_tp2_pp2(tiny):
         assert f"{layout} log-probs packed vs padded" in names and f"{layout} loss packed vs padded" in names
         assert f"{layout} packed rows hold several pairs" in names
         assert sum(c["name"].startswith(f"{layout} grad ") for c in results if c["rank"] == 0) > 0
-    assert "TP=1 DP=2 log-probs packed vs each sequence alone" in names
+    for kind in ("chunked", "logits"):
+        assert f"TP=1 DP=2 log-probs packed vs each sequence alone ({kind})" in names
+    for layout in ("TP=1 DP=2", "TP=2", "PP=2"):  # the chunked head against the logits one, packed and padded
+        for packed in ("", " packed"):
+            assert f"{layout} log-probs chunked vs logits{packed}" in names
+            assert f"{layout} chunked vs logits{packed} loss" in names
+            assert sum(c["name"].startswith(f"{layout} chunked vs logits{packed} grad ") for c in results) > 0
+    assert {"TP=2 chunked log-probs vs TP=1's", "PP=2 chunked log-probs vs TP=1's"} <= names
     grads = [c for c in results if " grad " in c["name"]]
     assert all(c["scale"] > 0 for c in grads), "a gradient is identically zero: the check is vacuous"
 

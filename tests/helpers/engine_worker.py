@@ -137,20 +137,20 @@ def schedule_step(tp, pp, ckpt, pairs, vocab, use_distributed_optimizer=False, o
     from megatron_inpo.engine.batches import item_length, make_batches, split_micro_batches
     from megatron_inpo.engine.optimizer import build_optimizer
     from megatron_inpo.engine.policy import wrap_ddp
-    from megatron_inpo.engine.step import global_metrics, make_loss, run_schedule
+    from megatron_inpo.engine.step import OutputHead, global_metrics, make_loss, run_schedule
 
     rt, built = setup(tp, pp, ckpt, precision)
     eng = engine(tp, pp, precision, use_distributed_optimizer)
     model = wrap_ddp(built.model, eng, precision)
     idx = global_batch(pairs)
     mbs = split_micro_batches(idx, [item_length(p) for p in pairs], MBS, rt.dp_size, ps.get_data_parallel_rank())
-    loss = make_loss(mode, objective(), vocab, pairs)
+    loss = make_loss(mode, objective(), pairs)
     opt = sched = None
     if opt_step:
         opt, sched = build_optimizer(optimizer_config(), eng.parallel, model, precision, total_steps=10)
         opt.zero_grad()
     model[0].zero_grad_buffer()
-    run_schedule(model, make_batches(pairs, mbs, 8), loss, rt.device)
+    run_schedule(model, make_batches(pairs, mbs, 8), loss, OutputHead(vocab), rt.device)
     metrics = global_metrics(loss, rt.device)
     grads = {k: p.main_grad.detach().clone() for k, p in unwrap(model[0]).named_parameters()}
     if opt_step:
@@ -243,6 +243,7 @@ def parity_in(precision: str, out: Path, hf, pairs, vocab):
     from megatron_inpo.engine import checkpoint as C
     from megatron_inpo.engine.batches import SFTItem, make_pair_batch
     from megatron_inpo.engine.logprobs import forward_pair_logps
+    from megatron_inpo.engine.step import OutputHead
     from megatron_inpo.engine.optimizer import build_optimizer
 
     tol = TOL[precision]
@@ -255,7 +256,7 @@ def parity_in(precision: str, out: Path, hf, pairs, vocab):
 
     def check_logps(label, chunk):
         batches = [make_pair_batch(pairs[i:i + 2], indices=[i, i + 1], pad_to=24) for i in (0, 2, 4)]
-        res = forward_pair_logps([chunk], batches, vocab)
+        res = forward_pair_logps([chunk], batches, OutputHead(vocab))
         if res is not None:
             got = torch.cat([torch.stack([c, r], 1) for _, c, r in res])
             check(f"{P} {label} log-probs vs transformers", got, hf_lp, tol["logps"])
