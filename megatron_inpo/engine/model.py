@@ -257,6 +257,69 @@ def _sdpa_core_attention_cls():
 _SDPA_CLS = None
 
 
+def _rope_self_attention_cls():
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_inpo.engine import rope
+
+    class RopeSelfAttention(SelfAttention):
+        """Megatron's SelfAttention with the rotary embedding applied by engine/rope.py right after the QKV
+        projection (no concatenations, cos / sin once per forward, q / k written in the layout SDPA reads) instead
+        of by Megatron's unfused RoPE; where rope.supported says no (or in inference) Megatron's own runs."""
+
+        _rope_args = None
+        _tables_key = None
+
+        def forward(self, hidden_states, *args, rotary_pos_emb=None, packed_seq_params=None, inference_context=None,
+                    **kwargs):
+            freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            ours = (freqs is not None and inference_context is None and kwargs.get("inference_params") is None
+                    and (not isinstance(rotary_pos_emb, tuple) or rotary_pos_emb[0] is rotary_pos_emb[1])
+                    and rope.supported(self.config, freqs.shape[-1], self.hidden_size_per_attention_head))
+            if ours:
+                self._rope_args, rotary_pos_emb = (freqs, packed_seq_params), None
+            try:
+                return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb,
+                                       packed_seq_params=packed_seq_params, inference_context=inference_context,
+                                       **kwargs)
+            finally:
+                self._rope_args = None
+
+        def get_query_key_value_tensors(self, *args, **kwargs):
+            out = super().get_query_key_value_tensors(*args, **kwargs)
+            if self._rope_args is None:
+                return out
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise RuntimeError("RopeSelfAttention: expected (query, key, value) from the QKV projection")
+            q, k, v = out
+            tables = self._tables(q)
+            return rope.rotate(q, tables), rope.rotate(k, tables), v
+
+        def _tables(self, q):
+            freqs, packed = self._rope_args
+            cu = None
+            if packed is not None and packed.qkv_format == "thd":
+                cu = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+            # every layer of one forward gets the same table object: the tables are computed by the first one
+            key = (freqs, cu, q.dtype, q.shape[0])
+            cached = RopeSelfAttention._tables_key
+            if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
+                RopeSelfAttention._tables_key = (key, rope.RopeTables.of(freqs, q.dtype, cu, q.shape[0]))
+            return RopeSelfAttention._tables_key[1]
+
+    return RopeSelfAttention
+
+
+_ROPE_CLS = None
+
+
+def rope_self_attention_class():
+    global _ROPE_CLS
+    if _ROPE_CLS is None:
+        _ROPE_CLS = _rope_self_attention_cls()
+    return _ROPE_CLS
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Packed sequences (THD)
 
@@ -327,6 +390,8 @@ def layer_spec_for(cfg: MegatronModelConfig):
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if cfg.attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
+    if cfg.rope == "inplace":
+        spec.submodules.self_attention.module = rope_self_attention_class()
     return spec, "local"
 
 
