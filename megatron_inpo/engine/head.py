@@ -103,7 +103,7 @@ class _LabelLogps(torch.autograd.Function):
             d.scatter_add_(1, idx[:, None], (g * here)[:, None])
             d = d.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[a:a + chunk] = d @ w
+                torch.matmul(d, w, out=grad_hidden[a:a + chunk])  # rows of a contiguous tensor: no copy
             if grad_w is not None:
                 if d.dtype == acc:
                     grad_w[:valid].addmm_(d.t(), h)

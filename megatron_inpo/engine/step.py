@@ -108,6 +108,8 @@ def _output_layer_input(layer, input_, weight=None, runtime_gather_output=None):
         input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=layer.tp_group)
     elif layer.allreduce_dgrad:
         input_ = copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+    else:
+        return input_, None
     return _ContiguousGrad.apply(input_), None
 
 
