@@ -98,10 +98,12 @@ class MegatronModelConfig:
     attention: str = "sdpa"
     """Core attention of the local spec: 'sdpa' (ours, torch scaled_dot_product_attention) or 'unfused'
     (Megatron's DotProductAttention, materialises the score matrix). Ignored by the TE spec."""
-    rope: str = "inplace"
-    """Rotary embeddings on the local spec: 'inplace' (ours, engine/rope.py: each half written in place, cos / sin
-    once per forward, query and key in the layout SDPA reads; bit for bit Megatron's values) or 'megatron'
-    (Megatron-Core's unfused RoPE, which concatenates in every layer). Ignored by the TE spec (TE's own)."""
+    local_ops: str = "inplace"
+    """Rotary embeddings and the SwiGLU activation on the local spec. 'inplace' (ours): RoPE with each half written
+    in place, cos / sin once per forward, query and key in the layout SDPA reads (engine/rope.py); SwiGLU whose
+    backward writes both halves in place and recomputes silu(gate) instead of keeping it (engine/swiglu.py). Both
+    are bit for bit Megatron's values and gradients. 'megatron': Megatron-Core's unfused RoPE and gated MLP, which
+    concatenate in every layer. Ignored by the TE spec (TE's own kernels)."""
     fp8: str = ""
     """'' (off), 'hybrid' (E4M3 forward, E5M2 backward) or 'e4m3': Transformer Engine FP8 (GPU, TE spec, bf16)."""
     fp8_recipe: str = "delayed"
@@ -134,8 +136,8 @@ class MegatronModelConfig:
             raise ConfigError(f"layer_spec={self.layer_spec!r}: expected one of {LAYER_SPECS}")
         if self.attention not in ("sdpa", "unfused"):
             raise ConfigError(f"attention={self.attention!r}: expected 'sdpa' or 'unfused'")
-        if self.rope not in ("inplace", "megatron"):
-            raise ConfigError(f"rope={self.rope!r}: expected 'inplace' or 'megatron'")
+        if self.local_ops not in ("inplace", "megatron"):
+            raise ConfigError(f"local_ops={self.local_ops!r}: expected 'inplace' or 'megatron'")
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError("make_vocab_size_divisible_by must be >= 1")
         if self.fp8:

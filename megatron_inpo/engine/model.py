@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_inpo.config import ConfigError
+from megatron_inpo.engine import compat
 from megatron_inpo.engine.config import FP8_RECIPES, MegatronModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -313,6 +314,42 @@ def _rope_self_attention_cls():
 _ROPE_CLS = None
 
 
+def _swiglu_mlp_cls():
+    import torch.nn.functional as F
+    from megatron.core.transformer.mlp import MLP
+
+    from megatron_inpo.engine.swiglu import swiglu
+
+    class SwiGLUMLP(MLP):
+        """Megatron's MLP with the gated activation of engine/swiglu.py (no concatenation in backward, silu(gate)
+        recomputed rather than kept) where the MLP is the plain Llama one; any other configuration runs Megatron's."""
+
+        def forward(self, hidden_states, per_token_scale=None, **kwargs):
+            c = self.config
+            plain = (c.gated_linear_unit and c.activation_func is F.silu and not c.bias_activation_fusion
+                     and not getattr(c, "use_te_activation_func", False) and per_token_scale is None
+                     and getattr(c, "activation_func_clamp_value", None) is None
+                     and not getattr(c, "glu_linear_offset", 0.0))
+            if not plain:
+                return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+            intermediate, bias = self.linear_fc1(hidden_states)
+            if bias is not None:
+                intermediate = intermediate + bias
+            return self.linear_fc2(swiglu(intermediate))
+
+    return SwiGLUMLP
+
+
+_SWIGLU_CLS = None
+
+
+def swiglu_mlp_class():
+    global _SWIGLU_CLS
+    if _SWIGLU_CLS is None:
+        _SWIGLU_CLS = _swiglu_mlp_cls()
+    return _SWIGLU_CLS
+
+
 def rope_self_attention_class():
     global _ROPE_CLS
     if _ROPE_CLS is None:
@@ -390,8 +427,9 @@ def layer_spec_for(cfg: MegatronModelConfig):
     spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     if cfg.attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
-    if cfg.rope == "inplace":
+    if cfg.local_ops == "inplace":
         spec.submodules.self_attention.module = rope_self_attention_class()
+        compat.replace_mlp_class(spec, swiglu_mlp_class())
     return spec, "local"
 
 

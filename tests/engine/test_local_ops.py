@@ -1,10 +1,11 @@
-"""engine/rope.py, the rotary embedding without concatenations (MegatronModelConfig.rope 'inplace'): against
-Megatron-Core's own unfused RoPE inside a real GPTModel, bit for bit (logits and every gradient, fp32 and bf16,
-padded and packed rows), with ours really used; the layout it hands to SDPA; backward by gradcheck in float64."""
+"""engine/rope.py and engine/swiglu.py, the local spec's RoPE and SwiGLU without concatenations
+(MegatronModelConfig.local_ops 'inplace'): against Megatron-Core's own unfused ones inside a real GPTModel, bit for
+bit (logits and every gradient, fp32 and bf16, padded and packed rows), with ours really used; the layout RoPE hands
+to SDPA; both backwards by gradcheck in float64."""
 import pytest
 import torch
 
-from megatron_inpo.engine import rope
+from megatron_inpo.engine import rope, swiglu
 
 from tests.helpers.engine import TINY_HF, make_pairs
 
@@ -24,6 +25,13 @@ def test_rotation_and_its_backward_in_float64():
     assert torch.autograd.gradcheck(lambda x: rope.rotate(x, tables), (t,))
 
 
+def test_swiglu_and_its_backward_in_float64():
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    want = torch.nn.functional.silu(x[..., :4]) * x[..., 4:]
+    torch.testing.assert_close(swiglu.swiglu(x), want, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(swiglu.swiglu, (x,))
+
+
 def test_packed_positions_restart_at_each_sequence():
     freqs = torch.arange(10, dtype=torch.float64)[:, None, None, None].repeat(1, 1, 1, 4) * 0.1
     cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
@@ -40,9 +48,10 @@ def compare_with_megatron() -> None:
     from megatron_inpo.engine.model import packed_seq_params
     from megatron_inpo.engine.policy import build_policy, init_runtime
 
-    calls = []
-    real = rope.rotate
+    calls, glu_calls = [], []
+    real, real_glu = rope.rotate, swiglu.swiglu
     rope.rotate = lambda t, tables: calls.append(1) or real(t, tables)
+    swiglu.swiglu = lambda x: glu_calls.append(1) or real_glu(x)
     pairs = make_pairs(4, TINY_HF["vocab_size"], seed=1)
     batches = [make_pair_batch(pairs, indices=range(4)),
                make_packed_batch(pair_sequences(pairs), num_pairs=4, indices=range(4))]
@@ -50,7 +59,7 @@ def compare_with_megatron() -> None:
     for precision in ("fp32", "bf16"):
         runs = {}
         for kind in ("megatron", "inplace"):
-            eng = MegatronConfig(model=MegatronModelConfig(precision=precision, layer_spec="local", rope=kind))
+            eng = MegatronConfig(model=MegatronModelConfig(precision=precision, layer_spec="local", local_ops=kind))
             rt = rt or init_runtime(eng, seed=0)
             torch.manual_seed(0)
             model = build_policy(TINY_HF, eng, rt).model
@@ -63,18 +72,18 @@ def compare_with_megatron() -> None:
         for (y_m, g_m), (y_i, g_i) in zip(runs["megatron"], runs["inplace"]):
             assert torch.equal(y_m, y_i), precision
             assert g_m.keys() == g_i.keys() and all(torch.equal(g_m[k], g_i[k]) for k in g_m), precision
-    print(f"BIT-IDENTICAL rotations={len(calls)}")
+    print(f"BIT-IDENTICAL rotations={len(calls)} swiglus={len(glu_calls)}")
 
 
 @pytest.mark.megatron
-def test_inplace_rope_equals_megatrons_bit_for_bit():
+def test_inplace_ops_equal_megatrons_bit_for_bit():
     import subprocess
 
     from tests.helpers.engine import PY, REPO
 
-    proc = subprocess.run([PY, "-c", "from tests.engine.test_rope import compare_with_megatron as c; c()"],
+    proc = subprocess.run([PY, "-c", "from tests.engine.test_local_ops import compare_with_megatron as c; c()"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     layers = TINY_HF["num_hidden_layers"]
-    # precisions x batches x layers x (query, key): ours really ran
-    assert f"BIT-IDENTICAL rotations={2 * 2 * layers * 2}" in proc.stdout
+    # precisions x batches x layers (x query, key): ours really ran
+    assert f"BIT-IDENTICAL rotations={2 * 2 * layers * 2} swiglus={2 * 2 * layers}" in proc.stdout
