@@ -81,8 +81,8 @@ def build_engine(a):
     from megatron_inpo.engine.optimizer import build_optimizer
     from megatron_inpo.engine.policy import build_policy, init_runtime, wrap_ddp
 
-    engine = MegatronConfig(model=MegatronModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto"),
-                            logps=a.logps)
+    engine = MegatronConfig(model=MegatronModelConfig(fp8=a.fp8 or "", layer_spec="te" if a.fp8 else "auto",
+                                                      local_ops=a.local_ops), logps=a.logps)
     rt = init_runtime(engine, seed=0)
     built = build_policy(hf_config(a), engine, rt)
     precision = engine.model.resolved_precision(rt.cuda)
@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
     p.add_argument("--logps", choices=["chunked", "logits"], default="chunked",
                    help="the engine's log-prob head (MegatronConfig.logps)")
+    p.add_argument("--local-ops", choices=["inplace", "megatron"], default="inplace",
+                   help="the engine's RoPE and SwiGLU on the local spec (MegatronModelConfig.local_ops)")
+    p.add_argument("--reference", action="store_true", help="also run the engine on its earlier paths (full logits, "
+                   "Megatron's RoPE and SwiGLU) as engine_ref, in the same run")
     p.add_argument("--impl", choices=["engine", "hf", "packing"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     import torch
@@ -419,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     profiles: dict = {}
     # Alternate the implementations and keep each one's fastest repeat: a shared machine's load drifts.
-    for impl in ("hf", "engine") * a.repeats:
-        args = [sys.executable, os.path.abspath(__file__), "--impl", impl, f"--logps={a.logps}"] + [
+    # engine_ref: the engine on the earlier paths (full logits, Megatron's RoPE and SwiGLU), with --reference.
+    labels = ("hf", "engine") + (("engine_ref",) if a.reference else ())
+    for label in labels * a.repeats:
+        impl = "hf" if label == "hf" else "engine"
+        paths = ["--logps=logits", "--local-ops=megatron"] if label == "engine_ref" else [
+            f"--logps={a.logps}", f"--local-ops={a.local_ops}"]
+        args = [sys.executable, os.path.abspath(__file__), "--impl", impl, *paths] + [
             f"--{k.replace('_', '-')}={getattr(a, k)}" for k in list(preset) + ["steps", "warmup"]]
         if a.profile:
             args += ["--profile", f"--profile-top={a.profile_top}"]
@@ -434,18 +443,20 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0 or line is None:
             print(f"{impl} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
             return 1
-        row = json.loads(line[len("RESULT "):])
+        row = {"impl": label, **{k: v for k, v in json.loads(line[len("RESULT "):]).items() if k != "impl"}}
         print(json.dumps(row), flush=True)
         prof = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
         if prof is not None:
-            profiles[impl] = json.loads(prof[len("PROFILE "):])
-        if impl not in results or row["step_s"] < results[impl]["step_s"]:
-            results[impl] = row
+            profiles[label] = json.loads(prof[len("PROFILE "):])
+        if label not in results or row["step_s"] < results[label]["step_s"]:
+            results[label] = row
     cfg = {k: getattr(a, k) for k in preset}
-    e, h = results["engine"], results["hf"]
-    mem_key = next(k for k in e if k.endswith("_gib"))
-    print(json.dumps({"config": cfg, "engine_over_hf_tokens_per_s": round(e["tokens_per_s"] / h["tokens_per_s"], 3),
-                      "engine_over_hf_peak_mem": round(e[mem_key] / h[mem_key], 3)}), flush=True)
+    h = results["hf"]
+    mem_key = next(k for k in h if k.endswith("_gib"))
+    ratios = {f"{x}_over_hf_{m}": round(v, 3) for x in labels[1:] for m, v in (
+        ("tokens_per_s", results[x]["tokens_per_s"] / h["tokens_per_s"]),
+        ("peak_mem", results[x][mem_key] / h[mem_key]))}
+    print(json.dumps({"config": cfg, **ratios}), flush=True)
     if profiles:
         print_profiles(profiles)
     return 0
@@ -454,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_profiles(profiles: dict) -> None:
     """The profiled step of each implementation: self time by category side by side, then each one's top
     operators."""
-    impls = [i for i in ("hf", "engine") if i in profiles]
+    impls = [i for i in ("hf", "engine", "engine_ref") if i in profiles]
     cats = sorted({c for p in profiles.values() for c in p["categories"]},
                   key=lambda c: -max(p["categories"].get(c, 0.0) for p in profiles.values()))
     print("\nwhere one step's time goes (profiler self time, s; % of the step)")
