@@ -21,8 +21,6 @@ difference names the release that made it:
      `quiet_upstream_notices`, with the other notices below.
   4. `megatron.core.__version__` (0.19) runs `git rev-parse` in its own directory, so inside a git checkout it reads
      "0.19.2+<that checkout's commit>": `mcore_version()` reads the installed distribution's metadata instead.
-  5. The MLP of a layer spec (0.19): a `functools.partial(MLP.as_mlp_submodule, submodules=...)` instead of a
-     `ModuleSpec(module=MLP, ...)`; `replace_mlp_class(spec, cls)` puts a subclass of MLP in either form.
 
 Upstream notices a user cannot act on (`NOTICES`): Megatron-Core's "Transformer Engine and Apex are not installed.
 Falling back to ..." on machines without them, its deprecation notices about its own internals, torch's
@@ -199,20 +197,3 @@ def load_common_state(path: str | Path) -> dict:
         return _read_common_entry(path)
     return dist_checkpointing.load_common_state_dict(str(path))
 
-
-def replace_mlp_class(layer_spec, cls) -> bool:
-    """Make `layer_spec` build `cls` (a subclass of Megatron's MLP) where it builds Megatron's MLP itself; returns
-    whether it did (another MLP, such as a mixture of experts, is left alone). Difference 5."""
-    from megatron.core.transformer.mlp import MLP
-
-    mlp = layer_spec.submodules.mlp
-    if isinstance(mlp, functools.partial):  # 0.19
-        if getattr(mlp.func, "__func__", None) is not MLP.as_mlp_submodule.__func__ or \
-                getattr(mlp.func, "__self__", None) is not MLP:
-            return False
-        layer_spec.submodules.mlp = functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
-        return True
-    if getattr(mlp, "module", None) is not MLP:  # 0.16.1: a ModuleSpec
-        return False
-    mlp.module = cls
-    return True

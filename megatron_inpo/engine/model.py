@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_inpo.config import ConfigError
-from megatron_inpo.engine import compat
 from megatron_inpo.engine.config import FP8_RECIPES, MegatronModelConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -343,6 +342,18 @@ def _swiglu_mlp_cls():
 _SWIGLU_CLS = None
 
 
+def use_swiglu_mlp(model: torch.nn.Module) -> None:
+    """Every plain Megatron MLP of `model` becomes a SwiGLUMLP (same parameters and state; only forward differs).
+    Done on the built model rather than in the layer spec: Megatron-Core 0.16.1's TransformerLayer recognises only
+    MLP itself in a spec (a subclass gets a warning per layer), and 0.19 wraps the spec's MLP in a partial."""
+    from megatron.core.transformer.mlp import MLP
+
+    cls = swiglu_mlp_class()
+    for module in model.modules():
+        if type(module) is MLP:
+            module.__class__ = cls
+
+
 def swiglu_mlp_class():
     global _SWIGLU_CLS
     if _SWIGLU_CLS is None:
@@ -429,7 +440,6 @@ def layer_spec_for(cfg: MegatronModelConfig):
         spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
     if cfg.local_ops == "inplace":
         spec.submodules.self_attention.module = rope_self_attention_class()
-        compat.replace_mlp_class(spec, swiglu_mlp_class())
     return spec, "local"
 
 
@@ -529,6 +539,8 @@ def build_model(hf_config: Mapping[str, Any], pre_process: Optional[bool] = None
         rotary_base=int(arch.rope["rope_theta"]) if float(arch.rope["rope_theta"]).is_integer()
         else arch.rope["rope_theta"],
     )
+    if spec_name == "local" and cfg.local_ops == "inplace":
+        use_swiglu_mlp(model)
     rot = getattr(model, "rotary_pos_emb", None)
     if rot is not None:  # exact HF inverse frequencies (rope scaling of any llama3 / linear config)
         rot.inv_freq = rope_inv_freq(arch, device=rot.inv_freq.device).to(rot.inv_freq.dtype)
