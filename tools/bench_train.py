@@ -103,7 +103,7 @@ def run_engine(a) -> list[float]:
     # FP8 GEMMs need token rows in multiples of 16, as training pads them
     batch = make_pair_batch(pairs, indices=range(a.micro_batch), pad_multiple=batch_pad_multiple(1, engine))
     loss = PreferenceLoss(ObjectiveConfig(), pairs)
-    head = OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens)
+    head = OutputHead.of(engine, built.vocab_size)
 
     def one_step():
         model[0].zero_grad_buffer()
@@ -281,7 +281,7 @@ def run_packing(a) -> None:
                             ref_rejected_logp=-2.0 * r, last_chosen_logp=-2.0 * c, last_rejected_logp=-2.0 * r)
              for i, (p, c, r) in enumerate(length_triples(a))]
     loss = PreferenceLoss(ObjectiveConfig(), pairs)
-    head = OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens)
+    head = OutputHead.of(engine, built.vocab_size)
     pad_multiple = batch_pad_multiple(8, engine)
     ways = {"packed": dict(packing=True, uniform=False), "padded": dict(packing=False, uniform=False),
             "padded_step_max": dict(packing=False, uniform=True)}

@@ -196,4 +196,3 @@ def load_common_state(path: str | Path) -> dict:
     if _common_strategy(path) is not None:
         return _read_common_entry(path)
     return dist_checkpointing.load_common_state_dict(str(path))
-

@@ -258,7 +258,7 @@ def run_logprobs(cfg: LogprobStageConfig) -> dict:
         progress = StageProgress(f"logprobs[{role}]", len(pairs), 0, "pair", bar=cfg.progress,
                                  path=cfg.progress_file, enabled=runtime.rank == 0)
         values[role], computed[role] = compute_role_logps(
-            role, pairs, [model], OutputHead(built.vocab_size, engine.logps, engine.logps_chunk_tokens),
+            role, pairs, [model], OutputHead.of(engine, built.vocab_size),
             lc.micro_batch_size, lc.chunk_pairs, store,
             pad_multiple=batch_pad_multiple(lc.pad_multiple, engine), device=runtime.device,
             progress=progress.update, packing=engine.packing)

@@ -26,6 +26,7 @@ transformer_engine is imported only in engine/machine.py (te_available), lazily,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -44,8 +45,6 @@ def padded_vocab(vocab_size: int, tp: int, divisor: int = 128) -> int:
     """Megatron's vocab padding: the next multiple of divisor * tp."""
     m = divisor * tp
     return -(-int(vocab_size) // m) * m
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +174,8 @@ def rope_inv_freq(arch: LlamaArch, device=None) -> torch.Tensor:
 # Our core attention for the local spec
 
 
-def _sdpa_core_attention_cls():
+@functools.cache
+def sdpa_core_attention_class():
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.utils import divide
@@ -254,10 +254,8 @@ def _sdpa_core_attention_cls():
     return SDPACoreAttention
 
 
-_SDPA_CLS = None
-
-
-def _rope_self_attention_cls():
+@functools.cache
+def rope_self_attention_class():
     from megatron.core.transformer.attention import SelfAttention
 
     from megatron_inpo.engine import rope
@@ -310,10 +308,8 @@ def _rope_self_attention_cls():
     return RopeSelfAttention
 
 
-_ROPE_CLS = None
-
-
-def _swiglu_mlp_cls():
+@functools.cache
+def swiglu_mlp_class():
     import torch.nn.functional as F
     from megatron.core.transformer.mlp import MLP
 
@@ -339,9 +335,6 @@ def _swiglu_mlp_cls():
     return SwiGLUMLP
 
 
-_SWIGLU_CLS = None
-
-
 def use_swiglu_mlp(model: torch.nn.Module) -> None:
     """Every plain Megatron MLP of `model` becomes a SwiGLUMLP (same parameters and state; only forward differs).
     Done on the built model rather than in the layer spec: Megatron-Core 0.16.1's TransformerLayer recognises only
@@ -352,20 +345,6 @@ def use_swiglu_mlp(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is MLP:
             module.__class__ = cls
-
-
-def swiglu_mlp_class():
-    global _SWIGLU_CLS
-    if _SWIGLU_CLS is None:
-        _SWIGLU_CLS = _swiglu_mlp_cls()
-    return _SWIGLU_CLS
-
-
-def rope_self_attention_class():
-    global _ROPE_CLS
-    if _ROPE_CLS is None:
-        _ROPE_CLS = _rope_self_attention_cls()
-    return _ROPE_CLS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,13 +398,6 @@ def check_packed_seq_params(params, num_tokens: int, batch_rows: int = 1, tp: in
             raise ValueError(f"packed_seq_params: {name}={getattr(params, name)}, the longest segment is {longest}")
     if sequence_parallel and num_tokens % tp:
         raise ValueError(f"packed_seq_params: {num_tokens} tokens do not split over {tp} sequence-parallel ranks")
-
-
-def sdpa_core_attention_class():
-    global _SDPA_CLS
-    if _SDPA_CLS is None:
-        _SDPA_CLS = _sdpa_core_attention_cls()
-    return _SDPA_CLS
 
 
 def layer_spec_for(cfg: MegatronModelConfig):

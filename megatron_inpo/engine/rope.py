@@ -41,8 +41,8 @@ class RopeTables:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             first = torch.repeat_interleave(starts, lengths, output_size=tokens)
             half = half[torch.arange(tokens, device=freqs.device) - first]
-        # the cos / sin Megatron takes per layer, `* mscale` (1.0 here) and `.to(t.dtype)` included
-        return cls((torch.cos(half) * 1.0).to(dtype), (torch.sin(half) * 1.0).to(dtype))
+        # the cos / sin Megatron takes per layer, `.to(t.dtype)` included (its `* mscale` is 1.0 without YaRN)
+        return cls(torch.cos(half).to(dtype), torch.sin(half).to(dtype))
 
 
 def supported(config, rotary_dim: int, head_dim: int) -> bool:

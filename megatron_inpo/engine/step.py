@@ -128,6 +128,11 @@ class OutputHead:
     chunk_tokens: int = 1024
     """Tokens per chunk of the chunked path."""
 
+    @classmethod
+    def of(cls, engine, vocab_size: int) -> "OutputHead":
+        """The head a MegatronConfig asks for (its `logps`, `logps_chunk_tokens`) over `vocab_size` real ids."""
+        return cls(vocab_size, engine.logps, engine.logps_chunk_tokens)
+
     @contextlib.contextmanager
     def applied(self, model: list):
         """Within: every model chunk with an output layer returns its final hidden states instead of logits."""

@@ -6,7 +6,7 @@ Why: Megatron-Core's unfused gated MLP (transformer/mlp.py `glu`, the path on CP
 fusion) chunks x, and autograd then keeps silu(gate) as well as x for backward and concatenates the two halves of
 the gradient. Here backward writes each half of the gradient in place and recomputes silu(gate) from the kept x:
 one [tokens x f] activation less per layer. The products and silu's derivative are the same torch kernels on the
-same operands, so values and gradients are bit for bit Megatron's (tests/engine/test_rope.py compares both).
+same operands, so values and gradients are bit for bit Megatron's (tests/engine/test_local_ops.py compares both).
 """
 from __future__ import annotations
 

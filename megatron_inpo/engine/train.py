@@ -142,7 +142,7 @@ class _Trainer:
         self.digest, self.meta = digest, meta
         self.lengths = [item_length(it) for it in items]
         self.loss = make_loss(cfg.loss, cfg.objective, items)
-        self.head = OutputHead(built.vocab_size, cfg.megatron.logps, cfg.megatron.logps_chunk_tokens)
+        self.head = OutputHead.of(cfg.megatron, built.vocab_size)
         self.dims = FlopDims.from_hf_config(meta["hf_config"], built.padded_vocab_size)
         tok_dir = Path(cfg.init_checkpoint) / "tokenizer"
         self.tokenizer_dir = tok_dir if tok_dir.is_dir() else None
