@@ -358,6 +358,7 @@ def child(a) -> None:
         (1979.0 if a.fp8 else 989.0) if torch.cuda.is_available() else None)
     speed = throughput(batch_flops(dims, seqs), sum(seqs), step, peak_tflops)
     print("RESULT " + json.dumps(dict(impl=a.impl, fp8=a.fp8 or None, step_s=round(step, 5),
+                                      steps_s=[round(t, 3) for t in times],
                                       tokens_per_s=round(speed["tokens_per_s"], 1),
                                       tflops=round(speed["tflops"], 4), mfu=round(speed["mfu"], 4) if "mfu" in speed
                                       else None, **{peak_kind: round(peak, 3)},

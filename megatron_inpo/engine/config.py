@@ -100,10 +100,11 @@ class MegatronModelConfig:
     (Megatron's DotProductAttention, materialises the score matrix). Ignored by the TE spec."""
     local_ops: str = "inplace"
     """Rotary embeddings and the SwiGLU activation on the local spec. 'inplace' (ours): RoPE with each half written
-    in place, cos / sin once per forward, query and key in the layout SDPA reads (engine/rope.py); SwiGLU whose
-    backward writes both halves in place and recomputes silu(gate) instead of keeping it (engine/swiglu.py). Both
-    are bit for bit Megatron's values and gradients. 'megatron': Megatron-Core's unfused RoPE and gated MLP, which
-    concatenate in every layer. Ignored by the TE spec (TE's own kernels)."""
+    in place, cos / sin once per forward, query, key and value in the layout SDPA reads, so the fused QKV output is
+    not kept for backward (engine/rope.py); SwiGLU whose backward writes both halves in place and recomputes
+    silu(gate) instead of keeping it (engine/swiglu.py). Both are bit for bit Megatron's values and gradients.
+    'megatron': Megatron-Core's unfused RoPE and gated MLP, which concatenate in every layer. Ignored by the TE
+    spec (TE's own kernels)."""
     fp8: str = ""
     """'' (off), 'hybrid' (E4M3 forward, E5M2 backward) or 'e4m3': Transformer Engine FP8 (GPU, TE spec, bf16)."""
     fp8_recipe: str = "delayed"
@@ -180,7 +181,8 @@ class MegatronConfig:
     logps: str = "chunked"
     """How log p(token) comes out of the model, in training and the log-prob pass. 'chunked': from the final hidden
     states, a chunk of tokens at a time (head matmul, max, log-sum-exp and the label's logit; recomputed in
-    backward; vocabulary-parallel under TP; engine/head.py), so no [tokens x vocab] tensor is kept. 'logits': the
+    backward; vocabulary-parallel under TP; engine/head.py), so no [tokens x vocab] tensor is kept, and only for the
+    tokens the loss counts (the response tokens; prompt tokens cost no head matmul). 'logits': the
     model's full logits through Megatron's vocab-parallel cross entropy, the reference path of earlier releases
     (kept for one release; equal to 'chunked' to <= 1e-6 relative in float32, tests/engine/test_head.py)."""
     logps_chunk_tokens: int = 1024

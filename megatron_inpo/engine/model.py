@@ -291,7 +291,7 @@ def rope_self_attention_class():
                 raise RuntimeError("RopeSelfAttention: expected (query, key, value) from the QKV projection")
             q, k, v = out
             tables = self._tables(q)
-            return rope.rotate(q, tables), rope.rotate(k, tables), v
+            return rope.rotate(q, tables), rope.rotate(k, tables), rope.to_sdpa_layout(v)
 
         def _tables(self, q):
             freqs, packed = self._rope_args

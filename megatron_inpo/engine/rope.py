@@ -2,6 +2,7 @@
 
     RopeTables.of(freqs, dtype, cu_seqlens=None)   cos / sin of one forward, computed once for every layer
     rotate(t, tables)                              the rotated query or key, written in the layout SDPA reads
+    to_sdpa_layout(t)                              the value copied into that layout (frees the QKV output)
 
 Why: Megatron-Core's unfused RoPE (models/common/embeddings/rope_utils.py, the path on CPU and on GPUs without
 Transformer Engine) takes cos and sin of the whole table in every layer, builds the rotated half with torch.cat and
@@ -83,6 +84,13 @@ class _Rotate(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rotate_into(torch.empty_like(grad), grad, cos, -sin), None, None
+
+
+def to_sdpa_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t [s, b, n, d] (or [t, n, d]) in the memory layout `rotate` writes. For the value: the fused QKV
+    projection's output would otherwise stay alive until backward as the storage of the value's view, where the
+    copy keeps only the value's share of it (a third to a fifth)."""
+    return _sdpa_layout(t).copy_(t)
 
 
 def rotate(t: torch.Tensor, tables: RopeTables) -> torch.Tensor:

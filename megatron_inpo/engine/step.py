@@ -147,8 +147,14 @@ class OutputHead:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
 
-    def token_logps(self, chunk: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(labels) [b, s] float32 from `chunk`'s output (hidden states or logits, as `applied` made it)."""
+    def token_logps(self, chunk: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(labels) [b, s] float32 from `chunk`'s output (hidden states or logits, as `applied` made it).
+
+        `mask` (like labels; the batch's loss mask): the chunked head computes only the positions where it is
+        nonzero and gives 0 elsewhere, as every loss multiplies by it anyway. Prompt tokens then cost no head
+        GEMM at all (four of them per token: forward, its recomputation and the two of backward), where a full
+        logits head pays for every position."""
         if self.logps != "chunked":
             return token_logps(output, labels, self.vocab_size)
         from megatron.core import parallel_state as ps
@@ -161,9 +167,14 @@ class OutputHead:
         tp = ps.get_tensor_model_parallel_world_size()
         group = ps.get_tensor_model_parallel_group() if tp > 1 else None
         start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
-        tok = label_logps(output.reshape(-1, output.shape[-1]), weight, labels.reshape(-1), self.vocab_size, start,
+        hidden, flat = output.reshape(-1, output.shape[-1]), labels.reshape(-1)
+        if mask is None:
+            tok = label_logps(hidden, weight, flat, self.vocab_size, start, self.chunk_tokens, group)
+            return tok.view(labels.shape)
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # the same on every TP rank: the same batch
+        tok = label_logps(hidden.index_select(0, rows), weight, flat.index_select(0, rows), self.vocab_size, start,
                           self.chunk_tokens, group)
-        return tok.view(labels.shape)
+        return tok.new_zeros(flat.shape).index_copy(0, rows, tok).view(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,7 +312,7 @@ def run_schedule(model: list, batches: Sequence[SequenceBatch], loss: Loss, head
         # a packed row is one THD batch: Megatron applies RoPE per sequence (cu_seqlens) and the core attention
         # (TE's, or ours on the local spec) keeps each sequence to itself
         output = chunk(batch.tokens, batch.position_ids, attention_mask=None, packed_seq_params=packed)
-        return output, lambda out: loss(batch, inputs, head.token_logps(chunk, out, batch.labels))
+        return output, lambda out: loss(batch, inputs, head.token_logps(chunk, out, batch.labels, batch.loss_mask))
 
     shape = batches[0].tokens.shape
     # Pipeline stages exchange activations of the shape given below; without a pipeline each micro-batch may have

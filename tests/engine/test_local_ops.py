@@ -22,6 +22,8 @@ def test_rotation_and_its_backward_in_float64():
     c, si = freqs[..., :4].cos(), freqs[..., :4].sin()
     torch.testing.assert_close(out, torch.cat([x1 * c - x2 * si, x2 * c + x1 * si], -1), rtol=0, atol=1e-15)
     assert out.permute(1, 2, 0, 3).is_contiguous()  # [b, n, s, d] in memory: what SDPA reads after the permute
+    v = rope.to_sdpa_layout(t)  # the value, copied into that layout (the fused QKV output is not kept)
+    assert torch.equal(v, t) and v.permute(1, 2, 0, 3).is_contiguous() and v.data_ptr() != t.data_ptr()
     assert torch.autograd.gradcheck(lambda x: rope.rotate(x, tables), (t,))
 
 
