@@ -92,7 +92,7 @@ def build_engine(a):
     return engine, rt, built, model, opt, sched
 
 
-def run_engine(a) -> list[float]:
+def run_engine(a) -> tuple[list[float], tuple[str, float]]:
     from megatron_inpo.engine.batches import make_pair_batch
     from megatron_inpo.engine.config import batch_pad_multiple
     from megatron_inpo.engine.step import OutputHead, PreferenceLoss, run_schedule
@@ -113,14 +113,14 @@ def run_engine(a) -> list[float]:
             opt.step()
             sched.step(1)
 
-    times = time_steps(one_step, a, rt.cuda)
+    measured = time_steps(one_step, a, rt.cuda)
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    return times
+    return measured
 
 
-def run_hf(a) -> list[float]:
+def run_hf(a) -> tuple[list[float], tuple[str, float]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -165,9 +165,15 @@ def optimizer_scope():
     return torch.profiler.record_function(OPTIMIZER_SCOPE)
 
 
-def time_steps(one_step, a, cuda: bool) -> list[float]:
-    """Wall time of --warmup + --steps calls of one_step; with --profile one more step under torch's profiler,
-    its summary printed as a PROFILE line."""
+def time_steps(one_step, a, cuda: bool) -> tuple[list[float], tuple[str, float]]:
+    """Wall time of --warmup + --steps calls of one_step, and the peak memory they reached ((name, GiB): the GPU's
+    max allocated, or the process's max RSS on CPU), taken before the profiled step: with --profile one more step
+    runs under torch's profiler, whose records would count in the peak, and its summary is printed as a PROFILE
+    line."""
+    import resource
+
+    import torch
+
     times = []
     for _ in range(a.steps + a.warmup):
         sync(cuda)
@@ -175,15 +181,15 @@ def time_steps(one_step, a, cuda: bool) -> list[float]:
         one_step()
         sync(cuda)
         times.append(time.perf_counter() - t)
+    peak = ("gpu_max_allocated_gib", torch.cuda.max_memory_allocated() / 2**30) if cuda else (
+        "cpu_max_rss_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if a.profile:
-        import torch
-
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=acts) as prof:
             one_step()
             sync(cuda)
         print("PROFILE " + json.dumps(profile_summary(prof, a.profile_top, cuda)), flush=True)
-    return times
+    return times, peak
 
 
 # Where a step's time goes: operator (self time) -> category; the optimizer is every operator inside
@@ -335,21 +341,13 @@ def sync(cuda: bool) -> None:
 
 
 def child(a) -> None:
-    import resource
-
     import torch
 
     if a.impl == "packing":
         run_packing(a)
         return
-    times = (run_engine if a.impl == "engine" else run_hf)(a)
+    times, (peak_kind, peak) = (run_engine if a.impl == "engine" else run_hf)(a)
     step = statistics.median(times[a.warmup:])
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        peak_kind = "gpu_max_allocated_gib"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        peak_kind = "cpu_max_rss_gib"
     from megatron_inpo.engine.metrics import FlopDims, batch_flops, throughput
 
     dims = FlopDims.from_hf_config(hf_config(a))

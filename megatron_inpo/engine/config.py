@@ -102,7 +102,8 @@ class MegatronModelConfig:
     """Rotary embeddings and the SwiGLU activation on the local spec. 'inplace' (ours): RoPE with each half written
     in place, cos / sin once per forward, query, key and value in the layout SDPA reads, so the fused QKV output is
     not kept for backward (engine/rope.py); SwiGLU whose backward writes both halves in place and recomputes
-    silu(gate) instead of keeping it (engine/swiglu.py). Both are bit for bit Megatron's values and gradients.
+    silu(gate) instead of keeping it, and whose output, the second MLP linear layer's input, is recomputed in
+    backward rather than kept (engine/swiglu.py). Both are bit for bit Megatron's values and gradients.
     'megatron': Megatron-Core's unfused RoPE and gated MLP, which concatenate in every layer. Ignored by the TE
     spec (TE's own kernels)."""
     fp8: str = ""

@@ -313,11 +313,12 @@ def swiglu_mlp_class():
     import torch.nn.functional as F
     from megatron.core.transformer.mlp import MLP
 
-    from megatron_inpo.engine.swiglu import swiglu
+    from megatron_inpo.engine.swiglu import recomputed_when_saved, swiglu
 
     class SwiGLUMLP(MLP):
         """Megatron's MLP with the gated activation of engine/swiglu.py (no concatenation in backward, silu(gate)
-        recomputed rather than kept) where the MLP is the plain Llama one; any other configuration runs Megatron's."""
+        recomputed rather than kept, and the activation the second linear layer saves recomputed in backward) where
+        the MLP is the plain Llama one; any other configuration runs Megatron's."""
 
         def forward(self, hidden_states, per_token_scale=None, **kwargs):
             c = self.config
@@ -330,7 +331,9 @@ def swiglu_mlp_class():
             intermediate, bias = self.linear_fc1(hidden_states)
             if bias is not None:
                 intermediate = intermediate + bias
-            return self.linear_fc2(swiglu(intermediate))
+            activation = swiglu(intermediate)
+            with recomputed_when_saved(activation, intermediate):
+                return self.linear_fc2(activation)
 
     return SwiGLUMLP
 

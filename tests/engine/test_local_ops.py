@@ -2,6 +2,8 @@
 (MegatronModelConfig.local_ops 'inplace'): against Megatron-Core's own unfused ones inside a real GPTModel, bit for
 bit (logits and every gradient, fp32 and bf16, padded and packed rows), with ours really used; the layout RoPE hands
 to SDPA; both backwards by gradcheck in float64."""
+import weakref
+
 import pytest
 import torch
 
@@ -34,6 +36,23 @@ def test_swiglu_and_its_backward_in_float64():
     assert torch.autograd.gradcheck(swiglu.swiglu, (x,))
 
 
+def test_a_linear_layer_after_swiglu_keeps_its_input_not_the_activation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(6, 2, 5, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad((torch.nn.functional.linear(swiglu.swiglu(x), w) * up).sum(), (x, w))
+    act = swiglu.swiglu(x)
+    with swiglu.recomputed_when_saved(act, x):
+        y = torch.nn.functional.linear(act, w)
+    alive = weakref.ref(act)
+    del act
+    assert alive() is None  # nothing of the graph keeps the activation (a plain linear layer would)
+    got = torch.autograd.grad((y * up).sum(), (x, w))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_packed_positions_restart_at_each_sequence():
     freqs = torch.arange(10, dtype=torch.float64)[:, None, None, None].repeat(1, 1, 1, 4) * 0.1
     cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
@@ -54,6 +73,8 @@ def compare_with_megatron() -> None:
     real, real_glu = rope.rotate, swiglu.swiglu
     rope.rotate = lambda t, tables: calls.append(1) or real(t, tables)
     swiglu.swiglu = lambda x: glu_calls.append(1) or real_glu(x)
+    recomputes, real_recompute = [], swiglu._FromInput.recompute
+    swiglu._FromInput.recompute = lambda self: recomputes.append(1) or real_recompute(self)
     pairs = make_pairs(4, TINY_HF["vocab_size"], seed=1)
     batches = [make_pair_batch(pairs, indices=range(4)),
                make_packed_batch(pair_sequences(pairs), num_pairs=4, indices=range(4))]
@@ -74,7 +95,7 @@ def compare_with_megatron() -> None:
         for (y_m, g_m), (y_i, g_i) in zip(runs["megatron"], runs["inplace"]):
             assert torch.equal(y_m, y_i), precision
             assert g_m.keys() == g_i.keys() and all(torch.equal(g_m[k], g_i[k]) for k in g_m), precision
-    print(f"BIT-IDENTICAL rotations={len(calls)} swiglus={len(glu_calls)}")
+    print(f"BIT-IDENTICAL rotations={len(calls)} swiglus={len(glu_calls)} recomputed={len(recomputes)}")
 
 
 @pytest.mark.megatron
@@ -88,4 +109,6 @@ def test_inplace_ops_equal_megatrons_bit_for_bit():
     assert proc.returncode == 0, proc.stderr[-4000:]
     layers = TINY_HF["num_hidden_layers"]
     # precisions x batches x layers (x query, key): ours really ran
-    assert f"BIT-IDENTICAL rotations={2 * 2 * layers * 2} swiglus={2 * 2 * layers}" in proc.stdout
+    # and each MLP's second linear layer took its input from the recomputation, not from a kept activation
+    assert f"BIT-IDENTICAL rotations={2 * 2 * layers * 2} swiglus={2 * 2 * layers} recomputed={2 * 2 * layers}" \
+        in proc.stdout
