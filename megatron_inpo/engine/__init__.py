@@ -8,7 +8,8 @@ stages and their checkpoints.
     step.py        run_schedule(model, batches, loss, head): one forward_step for every stage; losses as objects
                    (PreferenceLoss, SFTLoss, PairLogpsProbe); OutputHead; global_metrics
     head.py        label_logps: log p(label) from the final hidden states, a chunk of tokens at a time
-    rope.py, swiglu.py   the local spec's RoPE and SwiGLU without concatenations (model.py builds them in)
+    rope.py, swiglu.py   the local spec's RoPE and SwiGLU without concatenations, keeping less for backward
+                   (model.py builds them in)
     batches.py     SequenceBatch, pair / SFT micro-batches padded or packed (plan_step: first-fit decreasing rows,
                    THD cu_seqlens), the seeded data order (step_items, optionally length-grouped)
     optimizer.py   build_optimizer, the fused torch AdamW, the torch-Adam repairs around loads
