@@ -20,12 +20,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _forward(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _forward(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,10 +54,8 @@ class _FromInput:
         self.x, self.shape = x, shape
 
     def recompute(self) -> torch.Tensor:
-        with torch.no_grad():
-            gate, up = self.x.chunk(2, dim=-1)
-            # swiglu's forward: the same kernels on the same operands, so the same bits
-            return (F.silu(gate) * up).view(self.shape)
+        with torch.no_grad():  # swiglu's own forward on the same operands: the same bits
+            return _forward(self.x).view(self.shape)
 
 
 @contextlib.contextmanager
